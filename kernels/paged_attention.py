@@ -1,0 +1,83 @@
+"""Paged attention: write the step's K/V into the block cache, then attend through block tables.
+
+`paged_attention_reference` is the pure-torch definition every kernel is tested against.
+The custom op `compiled_serve::paged_attention` is what `PagedAttentionPass` inserts; it takes
+the per-layer cache and the step metadata from the forward context.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compiled_serve.engine.forward_context import current_forward_context
+
+
+def write_kv_reference(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = padding row (never written)
+) -> None:
+    num_tokens = slot_mapping.shape[0]
+    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])  # [2, slots, kvh, hd]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    flat[0, slots] = k[:num_tokens][valid].to(flat.dtype)
+    flat[1, slots] = v[:num_tokens][valid].to(flat.dtype)
+
+
+def paged_attention_reference(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    seq_lens: list[int],  # context length of each sequence, new tokens included
+    query_start_loc: list[int],  # [num_seqs + 1] offsets of each sequence's query tokens
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole cached context.
+
+    Query token j of a sequence with q_len new tokens and context ctx sits at position
+    ctx - q_len + j and sees keys at positions <= its own. Rows past the last sequence
+    (bucket padding) come back as zeros.
+    """
+    out = torch.zeros_like(q)
+    block_size = kv_cache.shape[2]
+    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    group = q.shape[1] // num_kv_heads
+    for i, ctx in enumerate(seq_lens):
+        start, end = query_start_loc[i], query_start_loc[i + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        num_blocks = -(-ctx // block_size)
+        blocks = block_tables[i, :num_blocks].long()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]  # [ctx, kvh, hd]
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+        k_pos = torch.arange(ctx, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, ctx]
+        qi = q[start:end].transpose(0, 1)  # [heads, q_len, hd]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qi, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype), attn_mask=mask, scale=scale
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+@torch.library.custom_op("compiled_serve::paged_attention", mutates_args=())
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
+    """Writes this step's k/v into layer `layer_idx`'s cache, then attends. Shapes as the reference."""
+    meta = current_forward_context()
+    kv_cache = meta.kv_caches[layer_idx]
+    write_kv_reference(k, v, kv_cache, meta.slot_mapping)
+    seq_lens = meta.seq_lens_host if meta.seq_lens_host is not None else meta.seq_lens.tolist()
+    qsl = meta.query_start_loc_host if meta.query_start_loc_host is not None else meta.query_start_loc.tolist()
+    return paged_attention_reference(q, kv_cache, meta.block_tables, seq_lens, qsl, scale)
+
+
+@paged_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)
