@@ -1,0 +1,42 @@
+"""Sizing and allocating the paged KV cache.
+
+On CUDA the cache takes what is left of `gpu_memory_utilization * total` after the weights and
+the peak activation of a full-budget step (measured by a profile run). On CPU it takes a fixed,
+configurable number of GiB. One tensor holds every layer; each layer gets a view.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def num_blocks_for_cpu(cache_gib: float, bytes_per_block: int) -> int:
+    return max(1, int(cache_gib * (1 << 30)) // bytes_per_block)
+
+
+def num_blocks_for_cuda(
+    device: torch.device, utilization: float, peak_activation_bytes: int, bytes_per_block: int
+) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free  # weights, CUDA context, other processes
+    budget = int(total * utilization) - used - peak_activation_bytes
+    if budget < bytes_per_block:
+        raise RuntimeError(
+            f"no GPU memory left for the KV cache: {used / 2**30:.1f} GiB in use of "
+            f"{total / 2**30:.1f} GiB, activation peak {peak_activation_bytes / 2**30:.2f} GiB; "
+            "raise gpu_memory_utilization or lower max_num_batched_tokens"
+        )
+    return budget // bytes_per_block
+
+
+def allocate_kv_cache(
+    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+    dtype: torch.dtype, device: torch.device,
+) -> list[torch.Tensor]:
+    # [layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
+    cache = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    return list(cache.unbind(0))

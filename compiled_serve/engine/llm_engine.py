@@ -1,0 +1,286 @@
+"""LLMEngine: requests in, one scheduler step at a time, outputs back.
+
+Not thread-safe: one thread owns it (the offline `LLM` loop, or the server's engine thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from compiled_serve.detokenizer import IncrementalDetokenizer
+from compiled_serve.engine.sampler import SamplingBatch, SamplingRow, sample
+from compiled_serve.models.loader import load_model
+from compiled_serve.passes.pipeline import compile_model
+
+from compiled_serve.config import EngineConfig
+from compiled_serve.engine.block_manager import BlockManager
+from compiled_serve.engine.device import resolve_device, resolve_dtype
+from compiled_serve.engine.kv_cache import (
+    allocate_kv_cache,
+    kv_bytes_per_block,
+    num_blocks_for_cpu,
+    num_blocks_for_cuda,
+)
+from compiled_serve.engine.model_runner import ModelRunner
+from compiled_serve.engine.output_builder import build_request_output
+from compiled_serve.engine.scheduler import Scheduler
+from compiled_serve.engine.sequence import Sequence, SequenceStatus
+from compiled_serve.engine.stats import EngineStats
+from compiled_serve.errors import InvalidParameterError
+from compiled_serve.outputs import RequestOutput
+from compiled_serve.sampling_params import SamplingParams
+
+logger = logging.getLogger("compiled_serve.engine")
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        t0 = time.perf_counter()
+        loaded = load_model(config.model, load_format=config.load_format, dtype=self.dtype, device=self.device,
+                            seed=config.seed)
+        self.load_seconds = time.perf_counter() - t0
+        self.model = loaded.module
+        self.model_config = mc = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.chat_template = loaded.chat_template
+        self.model_source = loaded.source
+        self.weight_fingerprint = loaded.weight_fingerprint
+
+        block_size = config.block_size
+        per_block = kv_bytes_per_block(mc.num_layers, block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        elif self.device.type == "cuda":
+            num_blocks = num_blocks_for_cuda(self.device, config.gpu_memory_utilization,
+                                             self._profile_activation_peak(), per_block)
+        else:
+            num_blocks = num_blocks_for_cpu(config.cpu_kv_cache_gib, per_block)
+        self.kv_caches = allocate_kv_cache(mc.num_layers, num_blocks, block_size, mc.num_kv_heads, mc.head_dim,
+                                           self.dtype, self.device)
+        # A single sequence must always fit in the pool, or preemption could never make room.
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * block_size)
+
+        t0 = time.perf_counter()
+        step_fn, self.compile_report = compile_model(self.model, mode=config.compile_mode)
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, step_fn, self.kv_caches, block_size, self.device)
+        self._warmup()
+        self.compile_seconds = time.perf_counter() - t0
+
+        self._requests: dict[str, _Request] = {}
+        self._eos_ids = set(mc.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self._eos_ids.add(int(self.tokenizer.eos_token_id))
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._computed_tokens_total = 0
+
+    # ----------------------------------------------------------------- setup
+    @torch.inference_mode()
+    def _profile_activation_peak(self) -> int:
+        """Peak extra memory of one full-budget step, measured with the dense (unpaged) model."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        n = self.config.max_num_batched_tokens
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(n, device=self.device))
+        self.model.compute_logits(hidden[: self.config.max_num_seqs])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del hidden
+        torch.cuda.empty_cache()
+        return int(peak * 1.2)
+
+    def _warmup(self) -> None:
+        """Compiles both graph shapes (one token, many tokens) before the first request."""
+        for prompt_len in (2 * self.config.block_size + 3, 1):
+            seq = Sequence("__warmup__", 0, [0] * prompt_len, SamplingParams(max_tokens=1), 1)
+            if not self.block_manager.allocate_slots(seq, prompt_len):
+                raise RuntimeError("KV cache too small for the warm-up step")
+            from compiled_serve.engine.scheduler import ScheduledSequence, SchedulerOutput
+
+            self.runner.execute(SchedulerOutput([ScheduledSequence(seq, prompt_len)]))
+            self.block_manager.free(seq)
+        # Warm-up blocks must not be found by later prefix lookups (their K/V is garbage-free but
+        # the accounting should start clean).
+        self.block_manager = BlockManager(self.block_manager.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler.block_manager = self.block_manager
+
+    # ------------------------------------------------------------- requests
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidParameterError("prompt", "this model has no tokenizer; pass token ids")
+        return list(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
+        params.validate_for_model(self.model_config.vocab_size, self.config.max_logprobs, self.config.max_n)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidParameterError("prompt", "the prompt is empty")
+            text, ids = prompt, self.tokenize(prompt)
+        else:
+            text, ids = None, list(prompt)
+        if not ids:
+            raise InvalidParameterError("prompt", "the prompt has no tokens")
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidParameterError("prompt", f"token id {t!r} is outside the vocabulary [0, {vocab})")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise InvalidParameterError(
+                "prompt", f"the prompt has {len(ids)} tokens; the context length is {self.max_model_len}")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidParameterError(
+                "max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context length {self.max_model_len}")
+        max_out = params.max_tokens if params.max_tokens is not None else room
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            seq = Sequence(request_id, i, ids, params, max_out, generator=gen)
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop or [], include_stop_str_in_output=params.include_stop_str_in_output)
+            seqs.append(seq)
+        self._requests[request_id] = _Request(request_id, text, ids, params, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self._prompt_tokens_total += len(ids) * len(seqs)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.status.finished:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        return build_request_output(req, self.tokenizer)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # ----------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        now = time.monotonic()
+        for s in sched.scheduled:
+            if s.seq.first_scheduled_time is None:
+                s.seq.first_scheduled_time = now
+        logits, rows = self.runner.execute(sched)
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self._computed_tokens_total += s.num_new_tokens
+        touched: dict[str, _Request] = {}
+        if rows:
+            seqs = [sched.scheduled[i].seq for i in rows]
+            batch = SamplingBatch.build([self._sampling_row(seq) for seq in seqs], logits.shape[-1], logits.device)
+            num_logprobs = max((seq.params.logprobs or 0) for seq in seqs)
+            out = sample(logits, batch, num_logprobs)
+            token_ids = out.token_ids.tolist()  # the step's one host sync
+            want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
+            lp = out.logprobs.tolist() if want_logprobs else None
+            ranks = out.ranks.tolist() if want_logprobs and out.ranks is not None else None
+            top_ids = out.top_logprob_ids.tolist() if want_logprobs and out.top_logprob_ids is not None else None
+            top_vals = (out.top_logprob_values.tolist()
+                        if want_logprobs and out.top_logprob_values is not None else None)
+            now = time.monotonic()
+            for j, seq in enumerate(seqs):
+                if seq.params.logprobs is not None:
+                    k = seq.params.logprobs
+                    seq.logprobs.append((lp[j], ranks[j] if ranks else None,
+                                         top_ids[j][:k] if top_ids else [], top_vals[j][:k] if top_vals else []))
+                    seq.cumulative_logprob += lp[j]
+                self._append_token(seq, token_ids[j], now)
+                touched[seq.request_id] = self._requests[seq.request_id]
+        outputs = []
+        for req in touched.values():
+            output = build_request_output(req, self.tokenizer)
+            outputs.append(output)
+            if output.finished:
+                del self._requests[req.request_id]
+        return outputs
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = seq.params
+        suppressed: list[int] = []
+        if len(seq.output_token_ids) < params.min_tokens:
+            suppressed = sorted(set(params.stop_token_ids or []) | (set() if params.ignore_eos else self._eos_ids))
+        return SamplingRow(params=params, prompt_token_ids=seq.prompt_token_ids,
+                           output_token_ids=seq.output_token_ids, generator=seq.generator,
+                           suppressed_token_ids=suppressed)
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
+        seq.append_token(token)
+        self._generation_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        params = seq.params
+        n_out = len(seq.output_token_ids)
+        status = None
+        if not params.ignore_eos and token in self._eos_ids and n_out >= params.min_tokens:
+            status = SequenceStatus.FINISHED_STOPPED
+        elif params.stop_token_ids and token in params.stop_token_ids:
+            status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+        if seq.detokenizer is not None:
+            if status is None:  # EOS and stop tokens end the text; they stay in token_ids
+                seq.detokenizer.add_tokens([token])
+            if status is None and seq.detokenizer.stop_hit is not None:
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, seq.detokenizer.stop_hit
+        if status is None and (n_out >= seq.max_output_tokens or seq.num_tokens >= self.max_model_len):
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            if seq.detokenizer is not None and seq.detokenizer.stop_hit is None:
+                seq.detokenizer.finish()
+            self.scheduler.finish(seq, status)
+
+    # ---------------------------------------------------------------- stats
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.pool.usage(), num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total, computed_tokens_total=self._computed_tokens_total,
+        )
+
+    def startup_report(self) -> dict:
+        return {
+            "model": self.model_source,
+            "architecture": self.model_config.architecture,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "kv_cache_blocks": self.block_manager.num_blocks,
+            "kv_cache_tokens": self.block_manager.num_blocks * self.config.block_size,
+            "max_model_len": self.max_model_len,
+            "compile_mode": self.config.compile_mode,
+            "compile_status": f"compiled {self.compile_report.num_graphs} graph(s) in {self.compile_seconds:.1f}s",
+            "load_seconds": round(self.load_seconds, 2),
+        }

@@ -1,0 +1,79 @@
+"""Turns a scheduled step into tensors, runs the compiled model, and returns the logits to sample.
+
+Per step it builds, for the flat batch of T new tokens over S sequences:
+  input_ids [T], positions [T], slot_mapping [T]          (one host->device copy each)
+  block_tables [S, max_blocks], seq_lens [S], query_start_loc [S+1]
+and only the last token of each sequence whose chunk completes it gets logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
+from compiled_serve.engine.scheduler import SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(
+        self, model: torch.nn.Module, step_fn: Callable, kv_caches: list[torch.Tensor], block_size: int,
+        device: torch.device,
+    ):
+        self.model = model
+        self.step_fn = step_fn  # compiled forward(input_ids, positions) -> hidden [T, hidden]
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self._pin = device.type == "cuda"
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype, pin_memory=self._pin)
+        return host.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Returns (logits [N, vocab] float32, indices into sched.scheduled that were sampled)."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        qsl = [0]
+        sample_rows: list[int] = []
+        logits_indices: list[int] = []
+        max_blocks = 1
+        for i, s in enumerate(sched.scheduled):
+            seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = seq.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            seq_lens.append(end)
+            qsl.append(qsl[-1] + n)
+            max_blocks = max(max_blocks, len(blocks))
+            if s.completes_prompt:
+                sample_rows.append(i)
+                logits_indices.append(qsl[-1] - 1)
+        tables = [s.seq.block_ids + [0] * (max_blocks - len(s.seq.block_ids)) for s in sched.scheduled]
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slots, torch.int64),
+            block_tables=self._to_device(tables, torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            query_start_loc=self._to_device(qsl, torch.int32),
+            max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(seq_lens))),
+            max_seq_len=max(seq_lens),
+            kv_caches=self.kv_caches,
+            seq_lens_host=seq_lens,
+            query_start_loc_host=qsl,
+        )
+        ids = self._to_device(input_ids, torch.int64)
+        pos = self._to_device(positions, torch.int64)
+        with forward_context(meta):
+            hidden = self.step_fn(ids, pos)  # [T, hidden]
+        if not logits_indices:
+            return hidden.new_empty((0, 0), dtype=torch.float32), []
+        rows = hidden[self._to_device(logits_indices, torch.int64)]
+        return self.model.compute_logits(rows), sample_rows

@@ -1,0 +1,41 @@
+"""Builds the user-facing RequestOutput of a request from its sequences' state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compiled_serve.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+def _decode(tokenizer: Any, token_id: int) -> str | None:
+    return None if tokenizer is None else tokenizer.decode([token_id])
+
+
+def _logprobs(seq: Any, tokenizer: Any) -> list[dict[int, Logprob]] | None:
+    if seq.params.logprobs is None:
+        return None
+    result = []
+    for token, (lp, rank, top_ids, top_vals) in zip(seq.output_token_ids, seq.logprobs):
+        entry = {token: Logprob(lp, rank if rank is not None else 0, _decode(tokenizer, token))}
+        for r, (tid, val) in enumerate(zip(top_ids, top_vals), start=1):
+            if tid not in entry:
+                entry[tid] = Logprob(val, r, _decode(tokenizer, tid))
+        result.append(entry)
+    return result
+
+
+def build_request_output(req: Any, tokenizer: Any) -> RequestOutput:
+    outputs = []
+    for seq in req.seqs:
+        text = seq.detokenizer.output_text if seq.detokenizer is not None else ""
+        finish = seq.status.value if seq.status.finished else None
+        outputs.append(CompletionOutput(
+            index=seq.index, text=text, token_ids=list(seq.output_token_ids),
+            cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+            logprobs=_logprobs(seq, tokenizer), finish_reason=finish, stop_reason=seq.stop_reason,
+        ))
+    cached = max(0, min((s.num_cached_tokens for s in req.seqs), default=0))
+    return RequestOutput(
+        request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, outputs=outputs,
+        finished=all(s.status.finished for s in req.seqs), num_cached_tokens=cached,
+    )

@@ -1,0 +1,113 @@
+"""Continuous batching under a per-step token budget.
+
+There are no prefill and decode phases: every running sequence asks for the tokens it has not
+computed yet (one for a decoding sequence, a chunk of the prompt for a prefilling one), up to
+the step's budget. Running sequences go first, in arrival order; waiting ones are admitted
+FCFS while blocks, budget and `max_num_seqs` allow. When blocks run out, the most recently
+admitted running sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from compiled_serve.engine.block_manager import BlockManager
+from compiled_serve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        """True when this chunk reaches the sequence's last token, so the step samples for it."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Ends a sequence (finished or aborted) wherever it is, returning its blocks."""
+        seq.status = status
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # 1. Running sequences, oldest first; preempt from the back when blocks run out.
+        kept: list[Sequence] = []
+        queue = list(self.running)
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.allocate_slots(seq, num_new):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                kept.append(seq)
+                out.scheduled.append(ScheduledSequence(seq, num_new))
+                budget -= num_new
+        kept.extend(queue)  # over budget this step: stay running, keep their blocks
+        self.running = kept
+
+        # 2. Waiting sequences, FCFS, only if nothing was preempted (no thrashing).
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
+            seq = self.waiting[0]
+            cached = bm.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
+            num_cached = len(cached) * bm.block_size
+            num_new = min(seq.num_tokens - seq.num_computed_tokens - num_cached, budget)
+            if not bm.allocate_slots(seq, num_new, cached):
+                bm.prefix_cache_queries -= seq.num_tokens  # not admitted: the lookup will be redone
+                bm.prefix_cache_hits -= num_cached
+                break
+            self.waiting.popleft()
+            seq.num_computed_tokens += num_cached
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return out

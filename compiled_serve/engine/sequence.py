@@ -1,0 +1,73 @@
+"""One sequence being generated: its tokens, its progress through the KV cache, its blocks.
+
+A request with `n > 1` owns n sequences that share the prompt (and, through the prefix cache,
+its KV blocks).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from compiled_serve.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n samples
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_output_tokens: int  # max_tokens, capped by the context length
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # prompt + output, kept in step
+    num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # one per full block of token_ids
+    num_cached_tokens: int = -1  # prefix-cache hit on first schedule (-1: not scheduled yet)
+    stop_reason: int | str | None = None
+    # Per generated token: (sampled logprob, rank, top ids, top values) when logprobs were asked.
+    logprobs: list[Any] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    detokenizer: Any = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
+
+    @property
+    def seq_id(self) -> str:
+        return f"{self.request_id}#{self.index}"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.token_ids.append(token_id)

@@ -1,0 +1,61 @@
+"""The base class every graph pass derives from.
+
+A pass rewrites a torch.fx GraphModule in place and returns how many sites it matched. Its
+`uuid()` hashes its own source, so a change to a pass invalidates every build that used it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+
+import torch.fx
+
+logger = logging.getLogger("compiled_serve.passes")
+
+
+class GraphPass:
+    """Subclass, set `name`, implement `apply(graph_module) -> matches`."""
+
+    name: str = "graph-pass"
+    #: A pass that must match at least once, or compilation fails (never serve unrewritten).
+    required: bool = False
+
+    def apply(self, gm: torch.fx.GraphModule) -> int:
+        raise NotImplementedError
+
+    def __call__(self, gm: torch.fx.GraphModule) -> int:
+        from compiled_serve.errors import CompilationError
+
+        matches = self.apply(gm)
+        logger.info("%s: %d match(es)", self.name, matches)
+        if self.required and matches == 0:
+            raise CompilationError(
+                f"{self.name} found nothing to rewrite; refusing to serve the unrewritten graph"
+            )
+        gm.graph.lint()
+        gm.recompile()
+        return matches
+
+    @classmethod
+    def uuid(cls) -> str:
+        """sha256 of the source of this class and its bases up to GraphPass."""
+        digest = hashlib.sha256()
+        for klass in cls.__mro__:
+            if klass is object:
+                break
+            digest.update(inspect.getsource(klass).encode())
+        return digest.hexdigest()
+
+
+def count_ops(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """call_function targets by name -> count; what `--explain` and op-count tests read."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            key = getattr(node.target, "__name__", str(node.target))
+            if hasattr(node.target, "name") and callable(node.target.name):
+                key = node.target.name()
+            counts[key] = counts.get(key, 0) + 1
+    return counts
