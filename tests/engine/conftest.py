@@ -36,7 +36,13 @@ def smollm2_tokenizer(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         os.path.dirname(SMOLLM2_GGUF), gguf_file=os.path.basename(SMOLLM2_GGUF)
     )
-    tokenizer.save_pretrained(str(saved))
+    # Save beside the final place and move tokenizer.json last, so a concurrent session never
+    # loads half a copy.
+    partial = saved.with_name(f"{saved.name}.partial-{os.getpid()}")
+    tokenizer.save_pretrained(str(partial))
+    for item in sorted(partial.iterdir(), key=lambda p: p.name == "tokenizer.json"):
+        os.replace(item, saved / item.name)
+    partial.rmdir()
     return tokenizer
 
 

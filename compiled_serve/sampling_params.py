@@ -1,0 +1,202 @@
+"""Per-request sampling parameters (vLLM/OpenAI-compatible names and defaults).
+
+Everything a user can send is checked in `__post_init__`: types (a bool is not an int),
+finiteness, ranges. Model-dependent limits (vocabulary size, logprob and n caps) are checked
+by `validate_for_model` once the engine knows the model. Both raise `InvalidParameterError`
+naming the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from compiled_serve.errors import InvalidParameterError
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_MAX_TEMPERATURE = 100.0
+_MAX_ABS_LOGIT_BIAS = 100.0
+_MAX_ABS_PRESENCE_FREQUENCY = 2.0
+# Below this a temperature only overflows the logits; such rows take the argmax instead.
+GREEDY_TEMPERATURE = 1e-5
+_INT_STRING = re.compile(r"[+-]?\d+")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, *, minimum: int | None = None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _is_int(value):
+        raise InvalidParameterError(name, f"must be an integer, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise InvalidParameterError(name, f"must be >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> float:
+    """Checks a finite real in [low, high] (or (low, high] when low_open); returns it as float."""
+    if not _is_number(value):
+        raise InvalidParameterError(name, f"must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidParameterError(name, f"must be finite, got {value!r}")
+    if value < low or (low_open and value == low) or value > high:
+        bracket = "(" if low_open else "["
+        raise InvalidParameterError(name, f"must be in {bracket}{low:g}, {high:g}], got {value!r}")
+    return value
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidParameterError(name, f"must be a boolean, got {value!r} ({type(value).__name__})")
+
+
+def _token_id(name: str, key: object) -> int:
+    """A token id given as an int or, as OpenAI's JSON logit_bias keys are, an int-like string."""
+    if _is_int(key):
+        token_id = key
+    elif isinstance(key, str) and _INT_STRING.fullmatch(key.strip()):
+        token_id = int(key)
+    else:
+        raise InvalidParameterError(name, f"token ids must be integers, got {key!r}")
+    if token_id < 0:
+        raise InvalidParameterError(name, f"token ids must be >= 0, got {token_id}")
+    return token_id
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 (or below 1e-5) = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF semantics over prompt + output tokens
+    presence_penalty: float = 0.0  # OpenAI semantics over output tokens
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # keys may arrive as int-like strings (JSON)
+    seed: int | None = None
+    stop: str | list[str] | None = None  # normalized to a list
+    stop_token_ids: list[int] | None = None  # normalized to a list
+    ignore_eos: bool = False
+    max_tokens: int | None = 16  # None = up to the context length
+    min_tokens: int = 0
+    logprobs: int | None = None  # top logprobs per token; 0 = only the sampled token's
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, minimum=1)
+        self.temperature = _check_float("temperature", self.temperature, 0.0, _MAX_TEMPERATURE)
+        self.top_p = _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_int("top_k", self.top_k, minimum=-1)
+        self.min_p = _check_float("min_p", self.min_p, 0.0, 1.0)
+        self.repetition_penalty = _check_float(
+            "repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True
+        )
+        bound = _MAX_ABS_PRESENCE_FREQUENCY
+        self.presence_penalty = _check_float("presence_penalty", self.presence_penalty, -bound, bound)
+        self.frequency_penalty = _check_float("frequency_penalty", self.frequency_penalty, -bound, bound)
+        self.logit_bias = self._normalized_logit_bias()
+        _check_int("seed", self.seed, minimum=_INT64_MIN, optional=True)
+        if self.seed is not None and self.seed > _INT64_MAX:
+            raise InvalidParameterError("seed", f"must fit in a signed 64-bit integer, got {self.seed}")
+        self.stop = self._normalized_stop()
+        self.stop_token_ids = self._normalized_stop_token_ids()
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            _check_bool(name, getattr(self, name))
+        _check_int("max_tokens", self.max_tokens, minimum=1, optional=True)
+        _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidParameterError(
+                "min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+        _check_int("logprobs", self.logprobs, minimum=0, optional=True)
+
+    def _normalized_logit_bias(self) -> dict[int, float] | None:
+        if self.logit_bias is None:
+            return None
+        if not isinstance(self.logit_bias, dict):
+            raise InvalidParameterError("logit_bias", f"must be a mapping of token id to bias, got {self.logit_bias!r}")
+        bias: dict[int, float] = {}
+        for key, value in self.logit_bias.items():
+            token_id = _token_id("logit_bias", key)
+            limit = _MAX_ABS_LOGIT_BIAS
+            bias[token_id] = _check_float(f"logit_bias[{token_id}]", value, -limit, limit)
+        return bias
+
+    def _normalized_stop(self) -> list[str]:
+        stop = self.stop
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)):
+            raise InvalidParameterError("stop", f"must be a string or a list of strings, got {stop!r}")
+        for item in stop:
+            if not isinstance(item, str):
+                raise InvalidParameterError("stop", f"stop strings must be strings, got {item!r}")
+            if not item:
+                raise InvalidParameterError("stop", "stop strings must be non-empty")
+        return list(stop)
+
+    def _normalized_stop_token_ids(self) -> list[int]:
+        ids = self.stop_token_ids
+        if ids is None:
+            return []
+        if not isinstance(ids, (list, tuple)):
+            raise InvalidParameterError("stop_token_ids", f"must be a list of token ids, got {ids!r}")
+        for token_id in ids:
+            _check_int("stop_token_ids", token_id, minimum=0)
+        return list(ids)
+
+    def validate_for_model(
+        self,
+        vocab_size: int,
+        max_logprobs: int,
+        max_n: int,
+        max_stop_strings: int = 16,
+        max_stop_len: int = 256,
+    ) -> None:
+        """Checks the limits that depend on the model and the engine's caps."""
+        for token_id in self.logit_bias or ():
+            if token_id >= vocab_size:
+                raise InvalidParameterError(
+                    "logit_bias", f"token id {token_id} is outside the vocabulary [0, {vocab_size})"
+                )
+        for token_id in self.stop_token_ids:
+            if token_id >= vocab_size:
+                raise InvalidParameterError(
+                    "stop_token_ids", f"token id {token_id} is outside the vocabulary [0, {vocab_size})"
+                )
+        if self.logprobs is not None and self.logprobs > max_logprobs:
+            raise InvalidParameterError(
+                "logprobs", f"must be <= {max_logprobs} (the server's max_logprobs), got {self.logprobs}"
+            )
+        if self.n > max_n:
+            raise InvalidParameterError("n", f"must be <= {max_n} (the server's max_n), got {self.n}")
+        if len(self.stop) > max_stop_strings:
+            raise InvalidParameterError(
+                "stop", f"at most {max_stop_strings} stop strings are allowed, got {len(self.stop)}"
+            )
+        for item in self.stop:
+            if len(item) > max_stop_len:
+                raise InvalidParameterError(
+                    "stop", f"stop strings must be at most {max_stop_len} characters, got {len(item)}"
+                )
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling reduces to the argmax (temperature 0, or top_k 1)."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k >= 1
