@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import logging
 
+import torch
 import torch.fx
 
 logger = logging.getLogger("compiled_serve.passes")
@@ -54,8 +55,15 @@ def count_ops(gm: torch.fx.GraphModule) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            key = getattr(node.target, "__name__", str(node.target))
-            if hasattr(node.target, "name") and callable(node.target.name):
-                key = node.target.name()
+            key = op_name(node.target)
             counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def op_name(target: object) -> str:
+    """"namespace::op" for torch ops (packet or overload alike), else the callable's name."""
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    return getattr(target, "__name__", str(target))
