@@ -11,8 +11,10 @@ Why it is safe to share one root between processes:
 - A build becomes visible only through one atomic `rename` of a fully written, fsynced
   temp directory, so a reader sees either nothing or a complete build, never half of one.
 - Writers of the same key take an exclusive `flock`; the second one finds the first's
-  complete build and keeps it. Without the lock (say, a filesystem where flock is a no-op)
-  the rename still decides: it fails on a non-empty target, and the loser discards its copy.
+  complete build and keeps it. The lock is advisory, so publishing does not rely on it
+  alone: `rename` onto a non-empty directory fails, and a writer that loses that race
+  discards its copy and keeps the winner's. (Filesystems where flock is a no-op are not
+  supported: there, stale-temp cleanup could not tell a live writer from a dead one.)
 - A temp directory exists only while its writer holds the key's lock, so one whose lock can
   be taken belongs to a dead writer and is removed (`clean_partial`).
 
@@ -257,6 +259,22 @@ class ArtifactStore:
         return Manifest.from_json(_read_capped(build / MANIFEST_NAME, MAX_MANIFEST_BYTES), str(build))
 
     # ---------------------------------------------------------------- listing
+    def explain_miss(self, key: BuildKey) -> builtins.list[str]:
+        """Why `key` has no build: the differences to the closest stored build (empty if none).
+
+        Lets `compile`/`serve` say "mismatched build: dtype differs (bfloat16 vs float16)"
+        instead of silently recompiling. Lines read "stored vs requested".
+        """
+        best: builtins.list[str] = []
+        best_n = None
+        for build in self.list():
+            if build.manifest is None or build.manifest.key == key:
+                continue
+            fields = build.manifest.key.diff(key)
+            if best_n is None or len(fields) < best_n:
+                best_n, best = len(fields), build.manifest.key.describe_diff(key)
+        return best
+
     def list(self) -> builtins.list[StoredBuild]:
         """Finished builds under root (manifests parsed, artifact bytes not checked: see `verify`)."""
         out: builtins.list[StoredBuild] = []
