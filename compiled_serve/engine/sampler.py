@@ -201,8 +201,8 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch
         if batch.do_top_p:
             probs = sorted_logits.softmax(dim=-1)  # [N, V]
             mass_before = probs.cumsum(dim=-1) - probs  # [N, V] mass of strictly better tokens
+            # mass_before is exactly 0 for the top token and top_p > 0, so one token always stays.
             drop = (mass_before >= batch.top_p[:, None]) & (batch.top_p[:, None] < 1.0)
-            drop[:, 0] = False  # always keep the most likely token
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
     if batch.do_min_p:
