@@ -1,0 +1,153 @@
+"""POST /v1/completions (OpenAI legacy completions), streaming and not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from compiled_serve.errors import InvalidParameterError
+from compiled_serve.outputs import CompletionOutput, RequestOutput
+from compiled_serve.server.engine_loop import RequestStream
+from compiled_serve.server.params import COMPLETIONS_DEFAULT_MAX_TOKENS, build_sampling_params
+from compiled_serve.server.protocol import CompletionRequest
+from compiled_serve.server.state import ServerState, get_state, new_id
+from compiled_serve.server.streaming import (
+    SSE_DONE,
+    SSEResponse,
+    add_all,
+    collect_final,
+    finite,
+    merge_streams,
+    sse_event,
+    stream_error_event,
+    usage_of,
+)
+
+router = APIRouter()
+
+
+def _prompts(body: CompletionRequest) -> list[str | list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], list):
+        return [list(ids) for ids in prompt]  # type: ignore[arg-type]
+    if prompt and isinstance(prompt[0], str):
+        return list(prompt)  # type: ignore[arg-type]
+    return [list(prompt)]  # type: ignore[arg-type]
+
+
+def completion_logprobs(output: CompletionOutput, start: int, offset: int) -> dict[str, Any] | None:
+    """OpenAI's legacy shape for tokens [start:]: tokens, token_logprobs, top_logprobs, text_offset."""
+    if output.logprobs is None:
+        return None
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for token_id, entries in zip(output.token_ids[start:], output.logprobs[start:]):
+        sampled = entries.get(token_id)
+        text = (sampled.decoded_token if sampled is not None else None) or ""
+        tokens.append(text)
+        token_logprobs.append(finite(sampled.logprob) if sampled is not None else None)
+        top_logprobs.append({(lp.decoded_token or ""): finite(lp.logprob) for lp in entries.values()})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+def _prompt_text(state: ServerState, prompt: str | list[int]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return state.tokenizer.decode(prompt) if state.tokenizer is not None else ""
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request) -> Any:
+    arrival = time.monotonic()
+    state = get_state(request)
+    engine_loop = state.require_engine()
+    model = state.check_model(body.model)
+    if body.suffix:
+        raise InvalidParameterError("suffix", "suffix is not supported")
+    if body.echo and body.logprobs is not None:
+        raise InvalidParameterError("echo", "echo together with logprobs (prompt logprobs) is not supported yet")
+    max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+    params = build_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+    prompts = _prompts(body)
+    request_id = new_id("cmpl")
+    streams = await add_all(engine_loop, request_id, prompts, params, arrival)
+    echoes = [_prompt_text(state, p) if body.echo else "" for p in prompts]
+    if body.stream:
+        return SSEResponse(_stream(body, model, request_id, streams, echoes))
+    finals = await collect_final(streams, request)
+    choices = []
+    for prompt_index, final in enumerate(finals):
+        for output in final.outputs:
+            offset = len(echoes[prompt_index])
+            choices.append({
+                "index": prompt_index * body.n + output.index,
+                "text": echoes[prompt_index] + output.text,
+                "logprobs": completion_logprobs(output, 0, offset),
+                "finish_reason": output.finish_reason,
+                "stop_reason": output.stop_reason,
+            })
+    return JSONResponse({
+        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": choices, "usage": usage_of(finals),
+    })
+
+
+async def _stream(body: CompletionRequest, model: str, request_id: str, streams: list[RequestStream],
+                  echoes: list[str]) -> AsyncIterator[str]:
+    created = int(time.time())
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    continuous = include_usage and body.stream_options is not None and body.stream_options.continuous_usage_stats
+    sent_text: dict[tuple[int, int], int] = {}
+    sent_tokens: dict[tuple[int, int], int] = {}
+    done: set[tuple[int, int]] = set()
+    latest: dict[int, RequestOutput] = {}
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        event: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created,
+                                 "model": model, "choices": choices}
+        if include_usage:
+            event["usage"] = usage
+        return sse_event(event)
+
+    try:
+        async for prompt_index, output in merge_streams(streams):
+            latest[prompt_index] = output
+            choices = []
+            for completion in output.outputs:
+                key = (prompt_index, completion.index)
+                if key in done:
+                    continue  # its finish_reason was already sent
+                first = key not in sent_text
+                text_start, token_start = sent_text.get(key, 0), sent_tokens.get(key, 0)
+                delta = completion.text[text_start:]
+                if first:
+                    delta = echoes[prompt_index] + delta
+                new_tokens = len(completion.token_ids) - token_start
+                if not delta and new_tokens <= 0 and not completion.finished:
+                    continue
+                offset = len(echoes[prompt_index]) + text_start
+                choices.append({
+                    "index": prompt_index * body.n + completion.index, "text": delta,
+                    "logprobs": completion_logprobs(completion, token_start, offset),
+                    "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
+                })
+                sent_text[key] = len(completion.text)
+                if completion.finished:
+                    done.add(key)
+                sent_tokens[key] = len(completion.token_ids)
+            if choices:
+                yield chunk(choices, usage_of(list(latest.values())) if continuous else None)
+        if include_usage:
+            yield chunk([], usage_of(list(latest.values())))
+        yield SSE_DONE
+    except Exception as exc:
+        yield stream_error_event(exc)
+        yield SSE_DONE

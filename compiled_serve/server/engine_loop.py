@@ -1,0 +1,294 @@
+"""Runs the (not thread-safe) engine on a dedicated thread and streams outputs to asyncio.
+
+Every engine call happens on that thread: the event loop posts `add`/`abort` commands to a
+queue that the thread drains before each `engine.step()`. Each request has its own asyncio
+queue, fed with `loop.call_soon_threadsafe`. A request whose consumer goes away (client
+disconnect, cancelled task, error) is aborted, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from compiled_serve.outputs import RequestOutput
+from compiled_serve.server.errors import APIError, EngineDeadError, ServerBusyError
+from compiled_serve.server.metrics import RequestTimer, ServerMetrics
+
+logger = logging.getLogger("compiled_serve.server")
+
+_IDLE_POLL_S = 0.05
+
+
+class EngineStoppedError(APIError):
+    def __init__(self) -> None:
+        super().__init__(503, "The server is shutting down; the request was aborted.", code="shutting_down")
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue[RequestOutput | BaseException]
+    timer: RequestTimer
+    tokens_seen: int = 0  # engine-thread bookkeeping for inter-token latency
+    scheduled: bool = False
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: Any
+    done: asyncio.Future[None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Stop:
+    abort_all: bool = True
+
+
+@dataclass
+class _Pending:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    adds: int = 0
+
+
+class EngineLoop:
+    def __init__(self, engine: Any, *, max_waiting_requests: int = 256, retry_after_s: int = 1,
+                 metrics: ServerMetrics | None = None):
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.retry_after_s = retry_after_s
+        self.metrics = metrics
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._pending = _Pending()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stats: Any = None
+        self._dead = False
+        self._draining = False
+
+    # --- lifecycle (event-loop side) ---------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stats = self.engine.get_stats()  # the engine thread does not exist yet
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
+    @property
+    def stats(self) -> Any:
+        """The EngineStats snapshot taken after the latest step (read-only; any thread)."""
+        return self._stats
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Refuse new work, let in-flight requests finish for `timeout_s`, abort the rest."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._streams and self.alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._commands.put(_Stop())
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30.0)
+
+    # --- requests (event-loop side) ------------------------------------------------------
+    def _admit(self) -> None:
+        if self._dead:
+            raise EngineDeadError()
+        if self._draining:
+            raise EngineStoppedError()
+        stats = self._stats
+        waiting = (stats.num_waiting if stats is not None else 0) + self._pending.adds
+        if waiting >= self.max_waiting_requests:
+            if self.metrics is not None:
+                self.metrics.requests_rejected.inc()
+            raise ServerBusyError(self.retry_after_s, "The waiting queue is full; retry later.")
+
+    async def add_request(self, request_id: str, prompt: str | list[int], params: Any,
+                          arrival: float | None = None) -> RequestStream:
+        """Admits and adds one request; returns its output stream once the engine accepted it.
+
+        Raises ServerBusyError when the waiting queue is full, EngineDeadError / EngineStoppedError
+        when the engine cannot take work, and the engine's InvalidParameterError for bad input.
+        """
+        assert self._loop is not None, "EngineLoop.start() was not called"
+        self._admit()
+        if request_id in self._streams:
+            raise APIError(400, "Duplicate request id.", code="duplicate_request_id")
+        stream = _Stream(asyncio.Queue(), RequestTimer(self.metrics, arrival or time.monotonic()))
+        self._streams[request_id] = stream
+        done: asyncio.Future[None] = self._loop.create_future()
+        with self._pending.lock:
+            self._pending.adds += 1
+        self._commands.put(_Add(request_id, prompt, params, done))
+        handle = RequestStream(self, request_id, stream)
+        try:
+            await done
+        except BaseException:
+            handle.close()
+            raise
+        return handle
+
+    def _release(self, request_id: str, abort: bool) -> None:
+        self._streams.pop(request_id, None)
+        if abort:
+            self._commands.put(_Abort(request_id))
+
+    # --- engine thread -------------------------------------------------------------------
+    def _resolve(self, future: asyncio.Future[None], error: BaseException | None) -> None:
+        def settle() -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(settle)
+
+    def _push(self, stream: _Stream, item: RequestOutput | BaseException) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _apply(self, command: _Add | _Abort | _Stop) -> bool:
+        """Runs one command on the engine thread; False means stop."""
+        if isinstance(command, _Stop):
+            for request_id, stream in list(self._streams.items()):
+                self.engine.abort_request(request_id)
+                self._push(stream, EngineStoppedError())
+            return False
+        if isinstance(command, _Abort):
+            self.engine.abort_request(command.request_id)
+            return True
+        try:
+            self.engine.add_request(command.request_id, command.prompt, command.params)
+        except Exception as exc:  # InvalidParameterError and friends go back to the caller
+            self._resolve(command.done, exc)
+        else:
+            self._resolve(command.done, None)
+        return True
+
+    def _drain(self, block: bool) -> tuple[bool, int]:
+        """Applies queued commands; returns (keep running, number of adds applied)."""
+        adds = 0
+        try:
+            command = self._commands.get(timeout=_IDLE_POLL_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return True, 0
+        while True:
+            adds += isinstance(command, _Add)
+            if not self._apply(command):
+                return False, adds
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True, adds
+
+    def _run(self) -> None:
+        try:
+            while True:
+                running, adds = self._drain(block=not self.engine.has_unfinished_requests())
+                if running and self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self._dispatch(outputs, time.monotonic())
+                self._stats = self.engine.get_stats()
+                if adds:
+                    with self._pending.lock:
+                        self._pending.adds -= adds
+                if not running:
+                    return
+        except BaseException as exc:  # the loop is dead: fail every request, /health turns 503
+            self._dead = True
+            logger.exception("engine loop died")
+            for stream in list(self._streams.values()):
+                self._push(stream, EngineDeadError())
+            if not isinstance(exc, Exception):
+                raise
+
+    def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # already aborted by its consumer
+            if not stream.scheduled:
+                stream.scheduled = True
+                stream.timer.scheduled(now)
+            tokens = sum(len(completion.token_ids) for completion in output.outputs)
+            stream.timer.output(now, tokens - stream.tokens_seen)
+            stream.tokens_seen = tokens
+            if output.finished:
+                stream.timer.finished(now, [completion.finish_reason for completion in output.outputs])
+            self._push(stream, output)
+
+
+class RequestStream:
+    """One admitted request. Iterate `outputs()`; `close()` (or leaving the iteration early)
+    aborts it in the engine unless it already finished. Closing twice is harmless."""
+
+    def __init__(self, owner: EngineLoop, request_id: str, stream: _Stream):
+        self._owner = owner
+        self.request_id = request_id
+        self._stream = stream
+        self.finished = False
+        self._closed = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """Yields the cumulative output each time the request progresses, until finished."""
+        try:
+            while not self.finished:
+                items = [await self._stream.queue.get()]
+                while not self._stream.queue.empty():
+                    items.append(self._stream.queue.get_nowait())
+                output = _coalesce(items)
+                self.finished = output.finished
+                yield output
+        finally:
+            self.close()
+
+    async def final(self) -> RequestOutput:
+        last: RequestOutput | None = None
+        async for output in self.outputs():
+            last = output
+        assert last is not None
+        return last
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._owner._release(self.request_id, abort=not self.finished)
+
+
+def _coalesce(items: list[RequestOutput | BaseException]) -> RequestOutput:
+    """Outputs are cumulative, so a consumer that fell behind only needs the newest one per
+    sample index. Errors win."""
+    for item in items:
+        if isinstance(item, BaseException):
+            raise item
+    outputs: list[RequestOutput] = items  # type: ignore[assignment]
+    if len(outputs) == 1:
+        return outputs[0]
+    latest = outputs[-1]
+    by_index = {completion.index: completion for item in outputs for completion in item.outputs}
+    if len(by_index) == len(latest.outputs):
+        return latest
+    return RequestOutput(latest.request_id, latest.prompt, latest.prompt_token_ids,
+                         [by_index[i] for i in sorted(by_index)], latest.finished, latest.num_cached_tokens)

@@ -1,0 +1,204 @@
+"""OpenAI-compatible request bodies.
+
+Every field is bounded, so the published OpenAPI schema describes what the server accepts
+(schemathesis generates from it). Static bounds here are the outer limits; the engine's
+configured caps (max_n, max_logprobs, max_model_len, vocabulary) are checked per request.
+Unknown fields are rejected rather than silently ignored. NaN and Inf never validate.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_PROMPT_CHARS = 1_000_000
+MAX_BATCH_PROMPTS = 64
+MAX_PROMPT_TOKENS = 131_072
+MAX_TOKEN_ID = 2**31 - 1
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 1024
+MAX_N = 128
+MAX_LOGPROBS = 100
+MAX_MESSAGES = 1024
+MAX_TEMPLATE_CHARS = 65_536
+MAX_EMBEDDING_INPUTS = 256
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+ModelName = Annotated[str, Field(max_length=256)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class JsonSchemaFormat(StrictModel):
+    name: Annotated[str, Field(max_length=64)] = "response"
+    description: Annotated[str, Field(max_length=4096)] | None = None
+    # `schema` shadows a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SamplingFields(StrictModel):
+    """Fields shared by completions and chat completions (OpenAI + vLLM-style extras)."""
+
+    model: ModelName | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_PROMPT_TOKENS)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+    # Extras (vLLM names).
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOKEN_ID)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    ignore_eos: bool = False
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_PROMPT_TOKENS)] = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # Structured output: validated at request time (see structured.py).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)] | None = None
+    guided_regex: Annotated[str, Field(max_length=4096)] | None = None
+    guided_choice: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(min_length=1, max_length=256)] | None = None
+    guided_grammar: Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _integer_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            for key in value:
+                if not key.lstrip("-").isdecimal() or not key.isascii():
+                    raise ValueError(f"logit_bias keys must be token ids (integers), got {key[:32]!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)] | \
+        TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)]
+    echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    suffix: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
+
+
+class TextContentPart(StrictModel):
+    type: Literal["text"]
+    text: PromptText
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: PromptText | Annotated[list[TextContentPart], Field(max_length=256)] | None = None
+    name: Annotated[str, Field(max_length=256)] | None = None
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatTemplateFields(StrictModel):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)] | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None
+
+    @model_validator(mode="after")
+    def _generation_prompt_xor_continue(self) -> ChatTemplateFields:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be from the assistant")
+        return self
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_PROMPT_TOKENS)] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class EmbeddingRequest(StrictModel):
+    model: ModelName | None = None
+    input: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | \
+        Annotated[list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]],
+                  Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)] | \
+        Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)] | \
+        Annotated[list[Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]],
+                  Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1, le=65_536)] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+
+
+class TokenizeRequest(StrictModel):
+    """Either `prompt` (plain text) or `messages` (rendered through the chat template)."""
+
+    model: ModelName | None = None
+    prompt: PromptText | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(StrictModel):
+    model: ModelName | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]
