@@ -11,14 +11,13 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from compiled_serve import __version__
 from compiled_serve.server import chat, completions, embeddings, routes
 from compiled_serve.server.config import ServerConfig
 from compiled_serve.server.engine_loop import EngineLoop
 from compiled_serve.server.errors import install_error_handlers
 from compiled_serve.server.metrics import ServerMetrics
 from compiled_serve.server.middleware import ApiKeyAuth, BodySizeLimit, HeaderLimits
-from compiled_serve.server.state import ServerState
+from compiled_serve.server.state import ServerState, server_version
 
 logger = logging.getLogger("compiled_serve.server")
 
@@ -73,7 +72,7 @@ def build_app(config: ServerConfig, *, engine: Any = None, embedder: Any = None,
             if state.engine_loop is not None:
                 await state.engine_loop.shutdown(config.shutdown_timeout_s)
 
-    app = FastAPI(title="compiled_serve", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="compiled_serve", version=server_version(), lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = state
     install_error_handlers(app)

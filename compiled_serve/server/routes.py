@@ -8,11 +8,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from compiled_serve import __version__
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.server.chat import render_chat_prompt
 from compiled_serve.server.protocol import DetokenizeRequest, TokenizeRequest
-from compiled_serve.server.state import get_state
+from compiled_serve.server.state import get_state, server_version
 
 router = APIRouter()
 
@@ -27,7 +26,7 @@ async def health(request: Request) -> Response:
 
 @router.get("/version")
 async def version() -> dict[str, str]:
-    return {"version": __version__}
+    return {"version": server_version()}
 
 
 @router.get("/metrics")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -59,3 +60,10 @@ def get_state(request: Request) -> ServerState:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("compiled-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
