@@ -34,17 +34,16 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import re
 import secrets
 import shutil
-import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from compiled_serve.cache.build_inspection import ARTIFACTS_DIR, inspect_build, read_capped
 from compiled_serve.cache.build_key import BuildKey
 from compiled_serve.cache.errors import (
     ArtifactIncompleteError,
@@ -55,11 +54,9 @@ from compiled_serve.cache.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Man
 
 log = logging.getLogger(__name__)
 
-ARTIFACTS_DIR = "artifacts"
 _TMP_PREFIX = ".tmp-"
 _LOCK_DIR = ".locks"
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
-_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,21 +75,6 @@ class StoredBuild(NamedTuple):
     path: Path
     manifest: Manifest | None
     problem: str | None
-
-
-@dataclasses.dataclass
-class _Inspection:
-    """What `_inspect` found; problems are grouped by the error each one maps to."""
-
-    manifest: Manifest | None = None
-    data: dict[str, bytes] = dataclasses.field(default_factory=dict)
-    mismatch_fields: list[str] = dataclasses.field(default_factory=list)
-    mismatch: list[str] = dataclasses.field(default_factory=list)
-    tampered: list[str] = dataclasses.field(default_factory=list)
-    incomplete: list[str] = dataclasses.field(default_factory=list)
-
-    def problems(self) -> list[str]:
-        return self.mismatch + self.tampered + self.incomplete
 
 
 class ArtifactStore:
@@ -241,7 +223,7 @@ class ArtifactStore:
         build = self.path_for(key)
         if not os.path.lexists(build):
             return None
-        found = _inspect(build, key=key, keep_bytes=True, expected_manifest_hash=expected_manifest_hash)
+        found = inspect_build(build, key=key, keep_bytes=True, expected_manifest_hash=expected_manifest_hash)
         if found.mismatch:
             raise ArtifactMismatchError(found.mismatch_fields, found.mismatch, str(build))
         if found.tampered:
@@ -253,10 +235,10 @@ class ArtifactStore:
 
     def verify(self, path: Path | str) -> builtins.list[str]:
         """Every problem with the build directory at `path` (empty list: it is intact)."""
-        return _inspect(Path(path), key=None, keep_bytes=False).problems()
+        return inspect_build(Path(path), key=None, keep_bytes=False).problems()
 
     def _read_manifest(self, build: Path) -> Manifest:
-        return Manifest.from_json(_read_capped(build / MANIFEST_NAME, MAX_MANIFEST_BYTES), str(build))
+        return Manifest.from_json(read_capped(build / MANIFEST_NAME, MAX_MANIFEST_BYTES), str(build))
 
     # ---------------------------------------------------------------- listing
     def explain_miss(self, key: BuildKey) -> builtins.list[str]:
@@ -289,105 +271,6 @@ class ArtifactStore:
             except (OSError, ArtifactTamperedError) as exc:
                 out.append(StoredBuild(name, path, None, str(exc)))
         return out
-
-
-def _inspect(
-    build: Path, *, key: BuildKey | None, keep_bytes: bool, expected_manifest_hash: str | None = None
-) -> _Inspection:
-    """Check a build directory against its manifest (and `key`, if given), reading every byte."""
-    found = _Inspection()
-    st = _lstat(build)
-    if st is None:
-        found.incomplete.append(f"{build.name}: build directory is missing")
-        return found
-    if not stat.S_ISDIR(st.st_mode):
-        found.tampered.append(f"{build.name}: not a directory (symlink or file)")
-        return found
-    try:
-        manifest = Manifest.from_json(_read_capped(build / MANIFEST_NAME, MAX_MANIFEST_BYTES))
-    except FileNotFoundError:
-        found.incomplete.append(f"{MANIFEST_NAME} is missing")
-        return found
-    except OSError as exc:
-        found.tampered.append(f"{MANIFEST_NAME} cannot be read ({exc.strerror or exc})")
-        return found
-    except ArtifactTamperedError as exc:
-        found.tampered.extend(exc.problems)
-        return found
-    found.manifest = manifest
-    if key is not None and manifest.key != key:
-        found.mismatch_fields = manifest.key.diff(key)
-        # Read "stored vs requested" in the message.
-        found.mismatch = manifest.key.describe_diff(key)
-        return found
-    if manifest.key_digest != build.name:
-        found.mismatch.append(f"directory name {build.name} is not the key digest {manifest.key_digest}")
-        found.mismatch_fields = []
-        return found
-    if expected_manifest_hash is not None and manifest.hash() != expected_manifest_hash:
-        found.tampered.append(f"manifest hash {manifest.hash()} is not the pinned {expected_manifest_hash}")
-        return found
-
-    for extra in sorted(set(os.listdir(build)) - {MANIFEST_NAME, ARTIFACTS_DIR}):
-        found.tampered.append(f"unexpected file {extra}")
-    art_dir = build / ARTIFACTS_DIR
-    st = _lstat(art_dir)
-    if st is None:
-        found.incomplete.extend(f"{ARTIFACTS_DIR}/{e.name} is missing" for e in manifest.artifacts)
-        return found
-    if not stat.S_ISDIR(st.st_mode):
-        found.tampered.append(f"{ARTIFACTS_DIR} is not a directory")
-        return found
-    expected = {e.name for e in manifest.artifacts}
-    for extra in sorted(set(os.listdir(art_dir)) - expected):
-        found.tampered.append(f"unexpected file {ARTIFACTS_DIR}/{extra}")
-    for entry in manifest.artifacts:
-        rel = f"{ARTIFACTS_DIR}/{entry.name}"
-        try:
-            data = _read_capped(art_dir / entry.name, entry.size)
-        except FileNotFoundError:
-            found.incomplete.append(f"{rel} is missing")
-            continue
-        except _TooLarge:
-            found.tampered.append(f"{rel} is larger than the {entry.size} bytes the manifest records")
-            continue
-        except OSError as exc:
-            found.tampered.append(f"{rel} cannot be read ({exc.strerror or exc}; symlinks are refused)")
-            continue
-        if len(data) != entry.size:
-            found.tampered.append(f"{rel} has {len(data)} bytes, the manifest records {entry.size}")
-        elif hashlib.sha256(data).hexdigest() != entry.sha256:
-            found.tampered.append(f"{rel} sha256 does not match the manifest")
-        elif keep_bytes:
-            found.data[entry.name] = data
-    if found.tampered or found.incomplete:
-        found.data.clear()
-    return found
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
-def _read_capped(path: Path, limit: int) -> bytes:
-    """Read a regular file (never through a symlink) of at most `limit` bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        if path.name == MANIFEST_NAME:
-            return data  # Manifest.from_json reports the size problem with context.
-        raise _TooLarge(path)
-    return data
 
 
 def _write_file(path: Path, data: bytes) -> None:
