@@ -356,3 +356,33 @@ def test_sample_makes_no_host_round_trip(monkeypatch):
     for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     sample(logits, batch, num_logprobs=3)
+
+
+@pytest.mark.gpu
+def test_cuda_sample_has_no_sync_and_seeded_rows_are_batch_invariant():
+    device = torch.device("cuda")
+    target = SamplingParams(seed=77, temperature=1.1, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.2)
+    others = [SamplingParams(), SamplingParams(temperature=0.0), SamplingParams(seed=5, presence_penalty=1.0)]
+    vocab = 49152
+
+    def run(params, keys):
+        gens = [torch.Generator(device).manual_seed(p.seed) if p.seed is not None else None for p in params]
+        tokens = []
+        for step in range(8):
+            logits = torch.stack([torch.randn(vocab, generator=torch.Generator().manual_seed(k * 100 + step))
+                                  for k in keys]).to(device) * 4
+            rows = make_rows(params, outputs=[[1, 2, 3]] * len(params), suppressed=[[0]] * len(params),
+                             generators=gens)
+            batch = SamplingBatch.build(rows, vocab, device)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = sample(logits, batch, num_logprobs=5)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            tokens.append(out.token_ids.cpu())
+        return torch.stack(tokens, dim=1)
+
+    alone = run([target], [9])[0]
+    batched = run(others[:2] + [target] + others[2:], [1, 2, 9, 3])[2]
+    assert torch.equal(alone, batched)
