@@ -96,7 +96,7 @@ class LlamaModel(nn.Module):
         return self.norm(hidden)
 
 
-@register_model("LlamaForCausalLM", "MistralForCausalLM")
+@register_model("LlamaForCausalLM")
 class LlamaForCausalLM(CausalLM):
     # Checkpoint q/k/v and gate/up tensors land in rows of our packed projections.
     stacked_params_mapping: StackedParamsMapping = (
@@ -133,3 +133,8 @@ class LlamaForCausalLM(CausalLM):
             return "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight")
 
         load_hf_weights(self, weights, self.stacked_params_mapping, skip)
+
+
+@register_model("MistralForCausalLM")
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral without sliding-window attention is Llama (ModelConfig.from_hf refuses a window)."""

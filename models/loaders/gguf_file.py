@@ -223,10 +223,11 @@ def load_gguf(request: LoadRequest) -> LoadedModel:
     module = build_empty_module(config, request.dtype, request.device)
     load_into(module, iter_gguf_weights(reader, config))
     chat_template = _field(reader, "tokenizer.chat_template", None)
+    has_vocab = "tokenizer.ggml.tokens" in reader.fields  # tensor-only files (tests, merges) have none
     return LoadedModel(
         module=module,
         config=config,
-        tokenizer=load_gguf_tokenizer(path, chat_template),
+        tokenizer=load_gguf_tokenizer(path, chat_template) if has_vocab else None,
         chat_template=chat_template,
         source=f"gguf:{path} ({quantization_label(reader)}, dequantized)",
         weight_fingerprint=file_fingerprint([path]),
