@@ -55,6 +55,7 @@ def build_app(config: ServerConfig, *, engine: Any = None, embedder: Any = None,
         state = ServerState(config=config, served_model_names=names, tokenizer=engine.tokenizer,
                             max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size,
                             metrics=metrics, engine_loop=engine_loop, chat_template=template,
+                            max_logprobs=engine.config.max_logprobs,
                             startup_report=engine.startup_report())
     else:
         state = ServerState(config=config, served_model_names=names, tokenizer=embedder.tokenizer,

@@ -89,6 +89,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     engine_loop = state.require_engine()
     model = state.check_model(body.model)
     top = body.top_logprobs or 0
+    if top > state.max_logprobs:
+        raise InvalidParameterError("top_logprobs", f"must be <= {state.max_logprobs} (the server's max_logprobs)")
     params = build_sampling_params(body, max_tokens=body.requested_max_tokens(),
                                    logprobs=top if body.logprobs else None)
     prompt_ids = render_chat_prompt(state, body.messages, add_generation_prompt=body.add_generation_prompt,

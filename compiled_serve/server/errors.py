@@ -93,8 +93,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidParameterError)
     async def _invalid_parameter(_: Request, exc: InvalidParameterError) -> JSONResponse:
-        return error_response(400, exc.message if exc.field in exc.message else f"{exc.field}: {exc.message}",
-                              param=exc.field)
+        message = exc.message if exc.message.startswith(exc.field) else f"{exc.field}: {exc.message}"
+        return error_response(400, message, param=exc.field)
 
     @app.exception_handler(CapacityError)
     async def _capacity(_: Request, exc: CapacityError) -> JSONResponse:

@@ -3,7 +3,8 @@
 Every field is bounded, so the published OpenAPI schema describes what the server accepts
 (schemathesis generates from it). Static bounds here are the outer limits; the engine's
 configured caps (max_n, max_logprobs, max_model_len, vocabulary) are checked per request.
-Unknown fields are rejected rather than silently ignored. NaN and Inf never validate.
+Unknown fields are rejected rather than silently ignored; NaN and Inf never validate; types
+are strict (no "1" -> 1, no true -> 1).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ ModelName = Annotated[str, Field(max_length=256)]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(StrictModel):
@@ -49,7 +50,7 @@ class JsonSchemaFormat(StrictModel):
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, populate_by_name=True)
 
 
 class ResponseFormat(StrictModel):

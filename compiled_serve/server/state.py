@@ -27,6 +27,7 @@ class ServerState:
     engine_loop: EngineLoop | None = None  # generative models
     embedder: Any = None  # compiled_serve.embedding.EmbeddingEngine for embedding models
     chat_template: str | None = None
+    max_logprobs: int = 0
     startup_report: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
