@@ -117,8 +117,8 @@ def _smollm2_as(hf_smollm2: Any, kind: str) -> tuple[Any, Any]:
 def test_smollm2_weights_in_qwen2_and_mistral(hf_smollm2: Any, prompt_ids: list, kind: str) -> None:
     hf, ours = _smollm2_as(hf_smollm2, kind)
     assert type(ours).__name__ == type(hf).__name__
-    for ids in prompt_ids[:2]:
-        assert_logits_match(our_logits(ours, ids), hf_logits(hf, ids))
+    ids = max(prompt_ids, key=len)  # one prompt: a 135M forward is ~1 s on a shared CI core
+    assert_logits_match(our_logits(ours, ids), hf_logits(hf, ids))
 
 
 def test_load_weights_names_missing_and_unexpected_tensors() -> None:
