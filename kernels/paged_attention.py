@@ -75,9 +75,23 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx
     write_kv_reference(k, v, kv_cache, meta.slot_mapping)
     seq_lens = meta.seq_lens_host if meta.seq_lens_host is not None else meta.seq_lens.tolist()
     qsl = meta.query_start_loc_host if meta.query_start_loc_host is not None else meta.query_start_loc.tolist()
-    return paged_attention_reference(q, kv_cache, meta.block_tables, seq_lens, qsl, scale)
+    from compiled_serve.kernels.paged_attention_cpu import paged_attention_cpu
+
+    return paged_attention_cpu(q, kv_cache, meta.block_tables, seq_lens, qsl, scale)
 
 
 @paged_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+@paged_attention.register_kernel("cuda")
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
+    """On CUDA: the Triton KV write + unified paged-attention kernel, no host syncs."""
+    from compiled_serve.kernels.kv_write import paged_attention_with_kv_write_triton
+
+    meta = current_forward_context()
+    return paged_attention_with_kv_write_triton(
+        q, k, v, meta.kv_caches[layer_idx], meta.slot_mapping, meta.block_tables, meta.seq_lens,
+        meta.query_start_loc, meta.max_query_len, meta.max_seq_len, scale,
+    )

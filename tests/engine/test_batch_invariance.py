@@ -6,6 +6,7 @@ enough that nothing is chunked. Every other configuration must give the same tok
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -21,7 +22,10 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
-    return LLMEngine(EngineConfig(compile_mode="graph", max_num_seqs=64, cpu_kv_cache_gib=0.25))
+    device = os.environ.get("COMPILED_SERVE_TEST_DEVICE", "cpu")
+    mode = os.environ.get("COMPILED_SERVE_TEST_COMPILE_MODE", "graph")
+    return LLMEngine(EngineConfig(compile_mode=mode, max_num_seqs=64, cpu_kv_cache_gib=0.25, device=device,
+                                  dtype="float32", num_kv_blocks=2048 if device == "cuda" else None))
 
 
 def drain(engine: LLMEngine) -> dict[str, list[int]]:

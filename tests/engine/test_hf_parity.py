@@ -9,13 +9,14 @@ HF's top-2 gap is clear. The same weights go through the Llama, Qwen2 and Mistra
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from real_model import PROMPTS, LogitsRecorder, gguf_path
 
-from compiled_serve.engine.llm_engine import LLMEngine
 from compiled_serve.config import EngineConfig
+from compiled_serve.engine.llm_engine import LLMEngine
 from compiled_serve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.heavy
@@ -23,6 +24,9 @@ pytestmark = pytest.mark.heavy
 LOGIT_ATOL = 2e-3  # fp32; observed max |diff| is ~1e-4 on logits of magnitude ~20
 CLEAR_GAP = 1e-2
 MAX_TOKENS = 12
+# The same tests run on the GPU machine with COMPILED_SERVE_TEST_DEVICE=cuda (fp32 there too).
+DEVICE = os.environ.get("COMPILED_SERVE_TEST_DEVICE", "cpu")
+MODE = os.environ.get("COMPILED_SERVE_TEST_COMPILE_MODE", "graph")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def hf_llama():
     from transformers import AutoModelForCausalLM
 
     p = gguf_path()
-    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval().to(DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +69,7 @@ def as_architecture(hf_llama, tmp_path_factory):
         tok.save_pretrained(out)
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["architectures"][0].lower().startswith(arch)
-        return hf.eval(), str(out)
+        return hf.eval().to(DEVICE), str(out)
 
     return build
 
@@ -90,9 +94,9 @@ def check_against_hf(hf, engine: LLMEngine) -> None:
     for i, tokens in enumerate(seqs):
         n_out = MAX_TOKENS
         with torch.no_grad():
-            ref = hf(torch.tensor([tokens])).logits[0].float()  # [len, vocab]
+            ref = hf(torch.tensor([tokens], device=DEVICE)).logits[0].float().cpu()  # [len, vocab]
         ref_steps = ref[len(tokens) - n_out - 1 : len(tokens) - 1]  # logits that chose each output token
-        ours = torch.stack(recorder.rows[str(i)])
+        ours = torch.stack(recorder.rows[str(i)]).cpu()
         assert ours.shape == ref_steps.shape
         worst = max(worst, (ours - ref_steps).abs().max().item())
         top2 = ref_steps.topk(2, dim=-1).values
@@ -103,7 +107,7 @@ def check_against_hf(hf, engine: LLMEngine) -> None:
 
 
 def test_llama_module_matches_transformers(hf_llama):
-    engine = LLMEngine(EngineConfig(compile_mode="graph", max_num_seqs=16))
+    engine = LLMEngine(EngineConfig(compile_mode=MODE, max_num_seqs=16, device=DEVICE, dtype="float32"))
     assert engine.model_config.architecture == "LlamaForCausalLM"
     check_against_hf(hf_llama, engine)
 
@@ -111,6 +115,6 @@ def test_llama_module_matches_transformers(hf_llama):
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 def test_same_weights_through_other_modules(as_architecture, arch):
     hf, path = as_architecture(arch)
-    engine = LLMEngine(EngineConfig(model=path, compile_mode="graph", max_num_seqs=16))
+    engine = LLMEngine(EngineConfig(model=path, compile_mode=MODE, max_num_seqs=16, device=DEVICE, dtype="float32"))
     assert engine.model_config.architecture.lower().startswith(arch)
     check_against_hf(hf, engine)
