@@ -21,8 +21,14 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps = eps
+        # A float attribute would become a graph input (SymFloat read with .item()) when dynamo
+        # captures with dynamic=True; a literal tuple is specialized into the graph as a constant.
+        self._eps = (eps,)
         self.weight = nn.Parameter(torch.ones(dim))
+
+    @property
+    def eps(self) -> float:
+        return self._eps[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., dim]
@@ -133,6 +139,19 @@ def check_shape(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     if param.shape != loaded.shape:
         # Caught and re-raised with the checkpoint name by `load_hf_weights`.
         raise ValueError(f"{what} has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding table [vocab, hidden]. Not nn.Embedding: its float `norm_type` attribute
+    would become a graph input under dynamic capture."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: [num_tokens] -> [num_tokens, hidden]
+        return F.embedding(input_ids, self.weight)
 
 
 class SiluAndMul(nn.Module):

@@ -20,6 +20,7 @@ from compiled_serve.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     SiluAndMul,
+    VocabEmbedding,
     rotate_half,
 )
 from compiled_serve.models.registry import register_model
@@ -32,7 +33,6 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
-        self.scaling = config.head_dim**-0.5
         self.qkv_proj = QKVLinear(
             config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, config.attention_bias
         )
@@ -50,7 +50,9 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        out = torch.ops.compiled_serve.causal_attention(q, k, v, self.scaling)  # [num_tokens, num_heads, head_dim]
+        # The scale derives from an int attribute, so dynamo bakes it in as a constant.
+        scale = self.head_dim**-0.5
+        out = torch.ops.compiled_serve.causal_attention(q, k, v, scale)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.flatten(1))
 
 
@@ -83,7 +85,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
