@@ -49,8 +49,6 @@ def render_chat_prompt(state: ServerState, messages: list[ChatMessage], *, add_g
     conversation = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
                     for m in messages]
     kwargs = dict(template_kwargs or {})
-    if continue_final_message:
-        kwargs["continue_final_message"] = True
     try:
         text = render_chat(conversation, template, add_generation_prompt=add_generation_prompt,
                            bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "", **kwargs)
@@ -61,6 +59,14 @@ def render_chat_prompt(state: ServerState, messages: list[ChatMessage], *, add_g
                                     ) from exc
     except Exception as exc:  # template runtime errors (undefined, sandbox violations, raise_exception)
         raise InvalidParameterError("chat_template", "the chat template failed to render") from exc
+    if continue_final_message:
+        # As transformers does: cut the rendering right after the final message's content, so
+        # the model continues it instead of starting a new turn.
+        final = conversation[-1]["content"].strip()
+        if not final or final not in text:
+            raise InvalidParameterError("messages", "continue_final_message needs a non-empty final message "
+                                        "that the template renders verbatim")
+        text = text[: text.rindex(final) + len(final)]
     if not text:
         raise InvalidParameterError("messages", "the rendered conversation is empty")
     return list(tokenizer(text, add_special_tokens=False).input_ids)

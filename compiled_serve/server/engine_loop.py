@@ -207,10 +207,10 @@ class EngineLoop:
         try:
             while True:
                 running, adds = self._drain(block=not self.engine.has_unfinished_requests())
-                if running and self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                    self._dispatch(outputs, time.monotonic())
+                outputs = self.engine.step() if running and self.engine.has_unfinished_requests() else []
+                # Stats first: a client that sees its request finish then sees it in the stats too.
                 self._stats = self.engine.get_stats()
+                self._dispatch(outputs, time.monotonic())
                 if adds:
                     with self._pending.lock:
                         self._pending.adds -= adds
