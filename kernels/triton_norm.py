@@ -31,6 +31,7 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # issued before the reduction
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         summed = (x + r).to(residual_out_ptr.dtype.element_ty)
@@ -38,7 +39,6 @@ def _rms_norm_kernel(
         # Normalise exactly the stored (rounded) residual, as the unfused add-then-norm would.
         x = summed.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(x * x, 0) / hidden + eps)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * hidden + cols, (x * inv_rms * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 

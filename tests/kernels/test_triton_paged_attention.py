@@ -14,6 +14,7 @@ from compiled_serve.kernels.kv_write import (  # noqa: E402
     paged_attention_with_kv_write_triton,
     write_kv_triton,
 )
+from compiled_serve.kernels.triton_attention_config import choose_num_splits  # noqa: E402
 from compiled_serve.kernels.triton_paged_attention import paged_attention_triton  # noqa: E402
 
 SCALE = 0.125
@@ -41,7 +42,9 @@ def _random_seqs(rng: random.Random, n: int) -> list[tuple[int, int]]:
     return seqs
 
 
-def _attend(batch, out: torch.Tensor | None = None, max_query_len: int | None = None) -> torch.Tensor:
+def _attend(
+    batch, out: torch.Tensor | None = None, max_query_len: int | None = None, num_splits: int | None = None
+) -> torch.Tensor:
     mql = batch.max_query_len if max_query_len is None else max_query_len
     return paged_attention_triton(
         batch.q,
@@ -53,6 +56,7 @@ def _attend(batch, out: torch.Tensor | None = None, max_query_len: int | None = 
         batch.max_seq_len,
         SCALE,
         out=out,
+        num_splits=num_splits,
     )
 
 
@@ -124,19 +128,48 @@ def test_paged_attention_random_batches(seed: int, triton_device, make_paged_bat
     _check_attention(batch, out, rel_err, 1e-4)
 
 
-def test_decode_tiles_stay_correct_on_a_prefill_batch(triton_device, make_paged_batch, rel_err) -> None:
-    """max_query_len only picks tile shapes: an understated one (1) must still give right answers."""
+@pytest.mark.parametrize(
+    ("seqs", "max_query_len"),
+    [
+        ([(20, 6), (9, 9), (30, 1)], 1),  # understated: one narrow-tile launch takes everything
+        ([(20, 6), (9, 9), (30, 1)], 64),  # two launches split the sequences between them
+        ([(17, 1), (40, 1)], 64),  # overstated: the wide-tile launch owns nothing
+    ],
+)
+def test_length_hints_never_change_results(
+    seqs: list[tuple[int, int]], max_query_len: int, triton_device, make_paged_batch, rel_err
+) -> None:
+    """max_query_len only picks launches and tile shapes; results must not depend on it."""
     batch = make_paged_batch(
-        [(20, 6), (9, 9)],
+        seqs, num_kv_heads=2, group=4, head_dim=64, block_size=16, pad_rows=1, device=triton_device
+    )
+    out = torch.full_like(batch.q, float("nan"))
+    _attend(batch, out, max_query_len=max_query_len)
+    _check_attention(batch, out, rel_err, 1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [2, 16])
+def test_split_kv_matches_reference(num_splits: int, triton_device, make_paged_batch, rel_err) -> None:
+    """Split-KV partials + merge; 16 splits of 64-key slices leave most slices empty here."""
+    batch = make_paged_batch(
+        [(130, 1), (17, 1), (64, 1), (40, 9)],
         num_kv_heads=2,
         group=4,
         head_dim=64,
         block_size=16,
-        pad_rows=1,
+        pad_rows=2,
         device=triton_device,
     )
-    out = _attend(batch, max_query_len=1)
+    out = torch.full_like(batch.q, float("nan"))
+    _attend(batch, out, max_query_len=1, num_splits=num_splits)
     _check_attention(batch, out, rel_err, 1e-4)
+
+
+def test_split_heuristic_only_splits_small_batches() -> None:
+    assert choose_num_splits(1 * 8, 4096, sms=132) == 16
+    assert choose_num_splits(8 * 8, 2048, sms=132) == 8  # ceil(264 / 64) = 5 -> 8
+    assert choose_num_splits(64 * 8, 1024, sms=132) == 1
+    assert choose_num_splits(1 * 8, 300, sms=132) == 1  # too short to be worth splitting
 
 
 def test_write_kv_matches_reference_and_skips_padding(triton_device, make_paged_batch) -> None:
@@ -190,6 +223,9 @@ GPU_CASES = {
     "llama8b_mixed": ([(1024, 1)] * 24 + [(700, 300), (513, 513), (2048, 1), (129, 64)], 8, 4, 128, 16, 7),
     "gqa8_d128_bs32": ([(4096, 1)] * 8 + [(1000, 250)], 4, 8, 128, 32, 0),
     "mha_d64": ([(300, 1), (301, 17), (256, 256)], 16, 1, 64, 16, 3),
+    # few sequences: split-KV decode (16 splits) and its merge
+    "small_decode_split": ([(4000, 1), (17, 1), (2048, 1)], 8, 4, 128, 16, 1),
+    "spec_decode_q4": ([(999, 4), (64, 3), (1500, 4)], 8, 4, 128, 16, 2),
 }
 
 
