@@ -50,7 +50,8 @@ def assert_still_serves(http: httpx.Client) -> None:
 
 # --- Bad input gets a clear 4xx -------------------------------------------------------------
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
-@pytest.mark.parametrize("raw", ['"a string"', "[1, 2]", "42", "null", "{not json", "", "{\"prompt\": "])
+@pytest.mark.parametrize("raw", ['"a string"', "[1, 2]", "42", "null", "{not json", "", "{\"prompt\": ", "[" * 50_000,
+                                 '{"prompt": ' + "[" * 20_000 + "1" + "]" * 20_000 + "}"])
 def test_body_not_a_json_object(http: httpx.Client, path: str, raw: str) -> None:
     response = http.post(path, content=raw, headers={"Content-Type": "application/json"})
     assert_error(response, 400)
