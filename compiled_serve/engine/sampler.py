@@ -66,9 +66,10 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None = None  # [N] float32
     presence_penalty: torch.Tensor | None = None  # [N] float32
     output_counts: torch.Tensor | None = None  # [N, V] float32, occurrences in the output
-    bias_index: tuple[torch.Tensor, torch.Tensor] | None = None  # ([B] row, [B] token) int64
+    # Sparse per-row token lists as flat indices into logits.view(-1): row * V + token.
+    bias_index: torch.Tensor | None = None  # [B] int64
     bias_values: torch.Tensor | None = None  # [B] float32
-    suppress_index: tuple[torch.Tensor, torch.Tensor] | None = None  # ([S] row, [S] token) int64
+    suppress_index: torch.Tensor | None = None  # [S] int64
     # Host-side flags, decided at build time so that sample() never asks the device.
     all_greedy: bool = False
     any_greedy: bool = False
@@ -130,13 +131,11 @@ class SamplingBatch:
             batch.output_counts = _token_counts([row.output_token_ids for row in rows], vocab_size, device)
         bias = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
         if bias:
-            rows_t, tokens_t, values_t = zip(*bias)
-            batch.bias_index = (_long(rows_t, device), _long(tokens_t, device))
-            batch.bias_values = _to_device(torch.tensor(values_t, dtype=torch.float32), device)
-        suppress = [(i, t) for i, row in enumerate(rows) for t in row.suppressed_token_ids]
+            batch.bias_index = _long([i * vocab_size + t for i, t, _ in bias], device)
+            batch.bias_values = _to_device(torch.tensor([b for _, _, b in bias], dtype=torch.float32), device)
+        suppress = [i * vocab_size + t for i, row in enumerate(rows) for t in row.suppressed_token_ids]
         if suppress:
-            rows_t, tokens_t = zip(*suppress)
-            batch.suppress_index = (_long(rows_t, device), _long(tokens_t, device))
+            batch.suppress_index = _long(suppress, device)
         return batch
 
 
@@ -167,10 +166,11 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logit_bias -> suppression -> repetition -> frequency/presence. [N, V] -> new [N, V]."""
     if batch.bias_index is not None or batch.suppress_index is not None:
         logits = logits.clone()  # the caller's raw logits stay untouched
+    # Flat index_add_/index_fill_: unlike advanced-index assignment they never sync with the host.
     if batch.bias_index is not None:
-        logits.index_put_(batch.bias_index, batch.bias_values, accumulate=True)
+        logits.view(-1).index_add_(0, batch.bias_index, batch.bias_values)
     if batch.suppress_index is not None:
-        logits[batch.suppress_index] = float("-inf")
+        logits.view(-1).index_fill_(0, batch.suppress_index, float("-inf"))
     if batch.repetition_penalty is not None:
         # HF RepetitionPenaltyLogitsProcessor: seen tokens' positive logits are divided by the
         # penalty, negative ones multiplied, so p > 1 always makes them less likely.

@@ -362,7 +362,8 @@ def test_sample_makes_no_host_round_trip(monkeypatch):
 def test_cuda_sample_has_no_sync_and_seeded_rows_are_batch_invariant():
     device = torch.device("cuda")
     target = SamplingParams(seed=77, temperature=1.1, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.2)
-    others = [SamplingParams(), SamplingParams(temperature=0.0), SamplingParams(seed=5, presence_penalty=1.0)]
+    others = [SamplingParams(logit_bias={7: 3.0}), SamplingParams(temperature=0.0),
+              SamplingParams(seed=5, presence_penalty=1.0)]
     vocab = 49152
 
     def run(params, keys):
