@@ -9,6 +9,8 @@ Quirks handled here:
   scaling metadata; we recover the matching "llama3" parameters or refuse the file.
 - The tokenizer is rebuilt by transformers from the GGUF vocab (seconds), so it is cached
   per file in-process.
+- Metadata comes from our own lean parser (gguf_reader.py): gguf.GGUFReader spends seconds
+  building views of every vocabulary string that we never read.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import struct
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +37,7 @@ from compiled_serve.models.loaders.base import (
     register_format,
     require_existing,
 )
+from compiled_serve.models.loaders.gguf_reader import GGUFFile
 
 from compiled_serve.errors import ModelLoadError
 
@@ -61,25 +65,22 @@ _ROPE_FREQS = "rope_freqs.weight"
 _REQUIRED = object()
 
 
-def open_gguf(path: str) -> Any:
-    import gguf
-
+def open_gguf(path: str) -> GGUFFile:
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError / struct errors on foreign files
+        return GGUFFile(path)
+    except (ValueError, struct.error, UnicodeDecodeError) as e:  # foreign or truncated files
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
 
 
-def _field(reader: Any, key: str, default: Any = _REQUIRED) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def _field(reader: GGUFFile, key: str, default: Any = _REQUIRED) -> Any:
+    if key not in reader.metadata:
         if default is _REQUIRED:
             raise ModelLoadError(f"GGUF metadata lacks {key!r}")
         return default
-    return field.contents()
+    return reader.metadata[key]
 
 
-def gguf_config(reader: Any) -> ModelConfig:
+def gguf_config(reader: GGUFFile) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHITECTURES:
         raise ModelLoadError(f"GGUF architecture {arch!r} is not supported (supported: {sorted(_ARCHITECTURES)})")
@@ -97,8 +98,8 @@ def gguf_config(reader: Any) -> ModelConfig:
     if scaling_type not in ("none", ""):
         raise ModelLoadError(f"GGUF: rope scaling {scaling_type!r} is not supported")
     theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _field(reader, f"{arch}.vocab_size", None) or (len(tokens.data) if tokens is not None else None)
+    tokens = reader.metadata.get("tokenizer.ggml.tokens")
+    vocab = _field(reader, f"{arch}.vocab_size", None) or (len(tokens) if tokens is not None else None)
     if vocab is None:
         raise ModelLoadError("GGUF metadata gives no vocab size")
     stop_ids = [_field(reader, f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
@@ -126,7 +127,7 @@ def gguf_config(reader: Any) -> ModelConfig:
     return config
 
 
-def _llama3_scaling_from_freqs(reader: Any, arch: str, config: ModelConfig, freqs: torch.Tensor) -> dict[str, Any]:
+def _llama3_scaling_from_freqs(reader: GGUFFile, arch: str, config: ModelConfig, freqs: torch.Tensor) -> dict[str, Any]:
     # llama.cpp stores inv_freq_plain / inv_freq_scaled per frequency; find the llama3 parameters
     # (Meta's releases all use low 1, high 4, original context 8192) that reproduce it.
     plain = rope_inv_freq(config.head_dim, config.rope_theta, None)
@@ -140,7 +141,7 @@ def _llama3_scaling_from_freqs(reader: Any, arch: str, config: ModelConfig, freq
     raise ModelLoadError("GGUF: rope_freqs.weight matches no llama3 rope scaling; this file is not supported")
 
 
-def _tensor(reader: Any, name: str) -> Any:
+def _tensor(reader: GGUFFile, name: str) -> Any:
     return next(t for t in reader.tensors if t.name == name)
 
 
@@ -169,7 +170,7 @@ def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(reader: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, float32 tensor) pairs, dequantizing one tensor at a time."""
     permuted = _field(reader, "general.architecture") == "llama"
     for tensor in reader.tensors:
@@ -204,7 +205,7 @@ def load_gguf_tokenizer(path: str, chat_template: str | None) -> Any:
     return tokenizer
 
 
-def quantization_label(reader: Any) -> str:
+def quantization_label(reader: GGUFFile) -> str:
     import gguf
 
     file_type = _field(reader, "general.file_type", None)
@@ -223,7 +224,7 @@ def load_gguf(request: LoadRequest) -> LoadedModel:
     module = build_empty_module(config, request.dtype, request.device)
     load_into(module, iter_gguf_weights(reader, config))
     chat_template = _field(reader, "tokenizer.chat_template", None)
-    has_vocab = "tokenizer.ggml.tokens" in reader.fields  # tensor-only files (tests, merges) have none
+    has_vocab = "tokenizer.ggml.tokens" in reader.metadata  # tensor-only files (tests, merges) have none
     return LoadedModel(
         module=module,
         config=config,

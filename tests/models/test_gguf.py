@@ -128,3 +128,55 @@ def test_rope_freqs_tensor_becomes_llama3_scaling(tmp_path: Any) -> None:
     assert isinstance(config, ModelConfig)
     module = load_model(path, dtype=torch.float32, device="cpu").module
     assert torch.equal(module.model.rotary_emb.inv_freq, rope_inv_freq(16, 500000.0, scaling))
+
+
+def test_lean_reader_agrees_with_gguf_reader(tmp_path: Any) -> None:
+    """Our GGUF parser vs the gguf package's on every metadata type and several tensor types."""
+    import gguf
+    from compiled_serve.models.loaders.gguf_reader import GGUFFile, StringArray
+
+    Q = gguf.GGMLQuantizationType
+    path = str(tmp_path / "types.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint8("t.u8", 7)
+    writer.add_int16("t.i16", -3)
+    writer.add_uint32("t.u32", 4000000000)
+    writer.add_int64("t.i64", -(2**40))
+    writer.add_float32("t.f32", 1e-5)
+    writer.add_float64("t.f64", 0.1)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "héllo {% template %}")
+    writer.add_array("t.strs", ["a", "bc", "", "ü" * 300])
+    writer.add_array("t.ints", [1, 2, 3])
+    writer.add_array("t.floats", [0.5, 1.5])
+    rng = np.random.default_rng(0)
+    for i, qtype in enumerate([Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]):
+        w = rng.standard_normal((3 + i, 64)).astype(np.float32)
+        if qtype == Q.F32:
+            writer.add_tensor(f"w{i}", w)
+        elif qtype == Q.F16:
+            writer.add_tensor(f"w{i}", w.astype(np.float16))
+        else:
+            writer.add_tensor(f"w{i}", gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+    writer.add_tensor("bias", rng.standard_normal(5).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+    assert set(ours.metadata) == {k for k in ref.fields if not k.startswith("GGUF.")}
+    for key, value in ours.metadata.items():
+        expected = ref.fields[key].contents()
+        if isinstance(value, StringArray):
+            assert len(value) == len(expected)
+        elif isinstance(value, np.ndarray):
+            assert value.tolist() == expected
+        else:
+            assert value == expected and type(value) is type(expected), key
+    assert ours.metadata["t.strs"] == StringArray(4) and ours.metadata["t.str"] == "héllo {% template %}"
+    assert len(ours.tensors) == len(ref.tensors) == 7
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert (a.name, a.tensor_type, a.shape) == (b.name, b.tensor_type, tuple(int(d) for d in b.shape))
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
+        assert np.array_equal(gguf.quants.dequantize(a.data, a.tensor_type), gguf.quants.dequantize(b.data, b.tensor_type))
