@@ -49,9 +49,15 @@ def assert_still_serves(http: httpx.Client) -> None:
 
 
 # --- Bad input gets a clear 4xx -------------------------------------------------------------
+BAD_BODIES = {
+    "string": '"a string"', "list": "[1, 2]", "number": "42", "null": "null", "malformed": "{not json",
+    "empty": "", "truncated": '{"prompt": ', "deep-list": "[" * 50_000,
+    "deep-field": '{"prompt": ' + "[" * 20_000 + "1" + "]" * 20_000 + "}",
+}
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
-@pytest.mark.parametrize("raw", ['"a string"', "[1, 2]", "42", "null", "{not json", "", "{\"prompt\": ", "[" * 50_000,
-                                 '{"prompt": ' + "[" * 20_000 + "1" + "]" * 20_000 + "}"])
+@pytest.mark.parametrize("raw", list(BAD_BODIES.values()), ids=list(BAD_BODIES))
 def test_body_not_a_json_object(http: httpx.Client, path: str, raw: str) -> None:
     response = http.post(path, content=raw, headers={"Content-Type": "application/json"})
     assert_error(response, 400)

@@ -93,5 +93,6 @@ def test_soak_concurrent_streams_with_disconnects(live: LiveServer) -> None:
     assert live.state.engine_loop.num_in_flight == 0
     with live.client() as http:
         assert http.get("/health").status_code == 200
-        response = http.post("/v1/completions", json={"prompt": "Still there?", "max_tokens": 3})
+        response = http.post("/v1/completions", json={"prompt": "Still there?", "max_tokens": 3,
+                                                      "ignore_eos": True})
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
