@@ -65,23 +65,14 @@ def registered_formats() -> dict[str, WeightFormat]:
 
 
 def build_empty_module(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """The model with uninitialized storage on `device`: nothing is allocated twice."""
+    """The model in inference mode with uninitialized storage on `device`, to be filled by
+    `load_weights` (or dummy init): weights are materialized once, where they will live."""
     cls = resolve_model_class([config.architecture])
     with torch.device("meta"):
         module = cls(config)
     module.to(dtype=dtype)  # on meta: free
     module.to_empty(device=device)
     return module.eval().requires_grad_(False)
-
-
-def finish(module: CausalLM) -> CausalLM:
-    """Last touches after weights are in: inference mode."""
-    return module.eval().requires_grad_(False)
-
-
-def load_into(module: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> CausalLM:
-    module.load_weights(weights)
-    return finish(module)
 
 
 def file_fingerprint(paths: Iterable[str], extra: str = "") -> str:

@@ -33,7 +33,6 @@ from compiled_serve.models.loaders.base import (
     WeightFormat,
     build_empty_module,
     file_fingerprint,
-    load_into,
     register_format,
     require_existing,
 )
@@ -222,7 +221,7 @@ def load_gguf(request: LoadRequest) -> LoadedModel:
     reader = open_gguf(path)
     config = gguf_config(reader)
     module = build_empty_module(config, request.dtype, request.device)
-    load_into(module, iter_gguf_weights(reader, config))
+    module.load_weights(iter_gguf_weights(reader, config))
     chat_template = _field(reader, "tokenizer.chat_template", None)
     has_vocab = "tokenizer.ggml.tokens" in reader.metadata  # tensor-only files (tests, merges) have none
     return LoadedModel(

@@ -20,7 +20,6 @@ from compiled_serve.models.loaders.base import (
     WeightFormat,
     build_empty_module,
     file_fingerprint,
-    load_into,
     register_format,
     require_existing,
 )
@@ -101,7 +100,7 @@ def load_safetensors_dir(request: LoadRequest, source_prefix: str = "safetensors
         )
     config = read_model_config(directory)
     module = build_empty_module(config, request.dtype, request.device)
-    load_into(module, iter_safetensors(files))
+    module.load_weights(iter_safetensors(files))
     tokenizer = load_hf_tokenizer(directory)
     json_files = [os.path.join(directory, n) for n in ("config.json", _INDEX) if os.path.isfile(os.path.join(directory, n))]
     return LoadedModel(
