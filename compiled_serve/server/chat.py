@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +30,7 @@ from compiled_serve.server.streaming import (
 )
 
 router = APIRouter()
+_INLINE_RENDER_CHARS = 32_768
 
 
 def render_chat_prompt(state: ServerState, messages: list[ChatMessage], *, add_generation_prompt: bool,
@@ -99,10 +102,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         raise InvalidParameterError("top_logprobs", f"must be <= {state.max_logprobs} (the server's max_logprobs)")
     params = build_sampling_params(body, max_tokens=body.requested_max_tokens(),
                                    logprobs=top if body.logprobs else None)
-    prompt_ids = render_chat_prompt(state, body.messages, add_generation_prompt=body.add_generation_prompt,
-                                    request_template=body.chat_template,
-                                    continue_final_message=body.continue_final_message,
-                                    template_kwargs=body.chat_template_kwargs)
+    render = functools.partial(render_chat_prompt, state, body.messages,
+                               add_generation_prompt=body.add_generation_prompt,
+                               request_template=body.chat_template,
+                               continue_final_message=body.continue_final_message,
+                               template_kwargs=body.chat_template_kwargs)
+    # Big conversations render and tokenize in a worker thread, so the event loop keeps streaming.
+    large = sum(len(m.text()) for m in body.messages) > _INLINE_RENDER_CHARS
+    prompt_ids = await asyncio.to_thread(render) if large else render()
     request_id = new_id("chatcmpl")
     streams = await add_all(engine_loop, request_id, [prompt_ids], params, arrival)
     if body.stream:

@@ -177,3 +177,27 @@ def test_tokenize_detokenize_version(live, engine) -> None:
                  "num_preemptions_total", "prompt_tokens_total", "generation_tokens_total"):
         assert f"compiled_serve_{name}" in metrics, name
     assert httpx.get(live.base_url + "/metrics").status_code == 401
+
+
+def test_continue_final_message(live, engine) -> None:
+    messages = CHAT + [{"role": "assistant", "content": "The capital of France is"}]
+    with live.client(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        response = http.post("/v1/chat/completions", json={
+            "messages": messages, "add_generation_prompt": False, "continue_final_message": True,
+            "max_tokens": 4, "temperature": 0})
+        assert response.status_code == 200, response.text
+        # The prompt ends inside the assistant turn: no end-of-turn token after its content.
+        tokens = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()["tokens"]
+        assert response.json()["usage"]["prompt_tokens"] < len(tokens)
+        refused = http.post("/v1/chat/completions", json={"messages": CHAT, "continue_final_message": True,
+                                                          "add_generation_prompt": False, "max_tokens": 2})
+        assert refused.status_code == 400
+
+
+def test_request_chat_template_refused_by_default(live) -> None:
+    with live.client(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        response = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2,
+                                                           "chat_template": "{{ messages }}"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "chat_template"
+        assert http.post("/detokenize", json={"tokens": [10**6]}).status_code == 400
+        assert http.post("/detokenize", json={"tokens": [live.state.vocab_size - 1]}).status_code == 200
