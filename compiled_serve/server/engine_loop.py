@@ -24,6 +24,7 @@ from compiled_serve.server.metrics import RequestTimer, ServerMetrics
 logger = logging.getLogger("compiled_serve.server")
 
 _IDLE_POLL_S = 0.05
+_LIVENESS_POLL_S = 0.5
 
 
 class EngineStoppedError(APIError):
@@ -141,7 +142,12 @@ class EngineLoop:
         self._commands.put(_Add(request_id, prompt, params, done))
         handle = RequestStream(self, request_id, stream)
         try:
-            await done
+            # The engine thread settles `done`; if it dies first, nobody will, so keep checking.
+            while not done.done():
+                await asyncio.wait({done}, timeout=_LIVENESS_POLL_S)
+                if not done.done() and not self.alive:
+                    raise EngineDeadError()
+            done.result()
         except BaseException:
             handle.close()
             raise
@@ -162,12 +168,17 @@ class EngineLoop:
             else:
                 future.set_exception(error)
 
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(settle)
+        self._call_soon(settle)
 
     def _push(self, stream: _Stream, item: RequestOutput | BaseException) -> None:
+        self._call_soon(stream.queue.put_nowait, item)
+
+    def _call_soon(self, callback: Any, *args: Any) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is already closed: nobody is listening
+            pass
 
     def _apply(self, command: _Add | _Abort | _Stop) -> bool:
         """Runs one command on the engine thread; False means stop."""
@@ -223,6 +234,18 @@ class EngineLoop:
                 self._push(stream, EngineDeadError())
             if not isinstance(exc, Exception):
                 raise
+        finally:
+            self._fail_queued_adds()
+
+    def _fail_queued_adds(self) -> None:
+        """Adds still queued when the thread exits will never run: tell their callers."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._resolve(command.done, EngineDeadError() if self._dead else EngineStoppedError())
 
     def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
         for output in outputs:
