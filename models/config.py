@@ -9,6 +9,7 @@ layouts alike.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,10 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ModelLoadError(f"model config ({architecture}) lacks required field {e.args[0]!r}") from e
+
+    def __hash__(self) -> int:
+        # rope_scaling is a dict, which the generated hash would choke on; configs are cache keys.
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -27,6 +27,7 @@ def test_from_hf_old_style_dict() -> None:
     assert config.rope_theta == 500000.0 and config.rope_scaling is not None and config.rope_scaling["factor"] == 8.0
     assert config.eos_token_ids == (128001, 128008, 128009) and config.bos_token_id == 128000
     assert not config.tie_word_embeddings and not config.attention_bias and not config.qk_norm
+    assert hash(config) == hash(ModelConfig.from_hf(dict(LLAMA31_JSON))) and {config: 1}[config.replace()] == 1
 
 
 @pytest.mark.parametrize("kind,bias,qk_norm", [("llama", False, False), ("mistral", False, False),
