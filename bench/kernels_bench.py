@@ -209,8 +209,8 @@ def main() -> None:
         rows.append(bench_paged_attention([(2048, 512)] * 4, "chunks 4x (ctx 2048, q 512)"))
         mixed = [(1024, 1)] * 64 + [(2048, 512)]
         rows.append(bench_paged_attention(mixed, "mixed 64x decode ctx 1024 + (2048, 512)"))
-        rows.append(bench_kv_write(4096))
-        rows.extend(bench_elementwise(4096))
+        rows.append(bench_kv_write(16384))
+        rows.extend(bench_elementwise(8192))
 
     props = torch.cuda.get_device_properties(0)
     result = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from compiled_serve.kernels.triton_paged_attention import paged_attention_triton
 
 

@@ -10,6 +10,7 @@ SDPA call is already large.
 from __future__ import annotations
 
 import torch
+
 from compiled_serve.kernels.paged_attention import paged_attention_reference
 
 

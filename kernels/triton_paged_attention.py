@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from compiled_serve.kernels.triton_attention_config import (
     AttentionTiles,
     choose_num_splits,

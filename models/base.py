@@ -11,8 +11,9 @@ import abc
 from collections.abc import Iterable
 
 import torch
-from compiled_serve.models.config import ModelConfig
 from torch import nn
+
+from compiled_serve.models.config import ModelConfig
 
 
 class CausalLM(nn.Module, metaclass=abc.ABCMeta):

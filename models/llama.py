@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import compiled_serve.kernels.causal_attention  # noqa: F401  (registers torch.ops.compiled_serve.causal_attention)
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+import compiled_serve.kernels.causal_attention  # noqa: F401  (registers torch.ops.compiled_serve.causal_attention)
 from compiled_serve.models.base import CausalLM
 from compiled_serve.models.config import ModelConfig
 from compiled_serve.models.layers import (
@@ -25,7 +27,6 @@ from compiled_serve.models.layers import (
 )
 from compiled_serve.models.registry import register_model
 from compiled_serve.models.weight_loading import StackedParamsMapping, load_hf_weights
-from torch import nn
 
 
 class LlamaAttention(nn.Module):

@@ -9,16 +9,16 @@
 
 from __future__ import annotations
 
+import torch
+
 # Importing the format modules registers them.
 import compiled_serve.models.loaders.dummy
 import compiled_serve.models.loaders.gguf_file
 import compiled_serve.models.loaders.hub
 import compiled_serve.models.loaders.safetensors_dir  # noqa: F401
-import torch
+from compiled_serve.errors import ModelLoadError
 from compiled_serve.models.default_model import default_model_path
 from compiled_serve.models.loaders.base import LoadedModel, LoadRequest, WeightFormat, registered_formats
-
-from compiled_serve.errors import ModelLoadError
 
 __all__ = ["LoadedModel", "load_model", "pick_format"]
 

@@ -5,9 +5,8 @@ Shapes match the published configs (see shared PERF.md workloads W1-W4 and the e
 
 from __future__ import annotations
 
-from compiled_serve.models.config import ModelConfig
-
 from compiled_serve.errors import ModelLoadError
+from compiled_serve.models.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
     "smollm2-135m": ModelConfig(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from compiled_serve.errors import ModelLoadError
 from compiled_serve.models.config import ModelConfig
 from compiled_serve.models.llama import LlamaForCausalLM
 from compiled_serve.models.registry import register_model
-
-from compiled_serve.errors import ModelLoadError
 
 
 @register_model("Qwen3ForCausalLM")

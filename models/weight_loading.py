@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from compiled_serve.models.layers import PackedLinear, default_weight_loader
 from torch import nn
 
 from compiled_serve.errors import ModelLoadError
+from compiled_serve.models.layers import PackedLinear, default_weight_loader
 
 # (our packed param fragment, checkpoint fragment, shard id)
 StackedParamsMapping = tuple[tuple[str, str, Any], ...]

@@ -13,10 +13,11 @@ forward context. Layers are numbered in graph order, which is execution order.
 
 from __future__ import annotations
 
-import compiled_serve.kernels.causal_attention  # noqa: F401  (registers the op)
-import compiled_serve.kernels.paged_attention  # noqa: F401
 import torch
 import torch.fx
+
+import compiled_serve.kernels.causal_attention  # noqa: F401  (registers the op)
+import compiled_serve.kernels.paged_attention  # noqa: F401
 from compiled_serve.passes.base import GraphPass
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+
 from compiled_serve.passes.base import GraphPass, count_ops
 from compiled_serve.passes.paged_attention import PagedAttentionPass
 

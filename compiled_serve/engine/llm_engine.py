@@ -10,12 +10,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from compiled_serve.detokenizer import IncrementalDetokenizer
-from compiled_serve.engine.sampler import SamplingBatch, SamplingRow, sample
-from compiled_serve.models.loader import load_model
-from compiled_serve.passes.pipeline import compile_model
 
 from compiled_serve.config import EngineConfig
+from compiled_serve.detokenizer import IncrementalDetokenizer
 from compiled_serve.engine.block_manager import BlockManager
 from compiled_serve.engine.device import resolve_device, resolve_dtype
 from compiled_serve.engine.kv_cache import (
@@ -26,11 +23,14 @@ from compiled_serve.engine.kv_cache import (
 )
 from compiled_serve.engine.model_runner import ModelRunner
 from compiled_serve.engine.output_builder import build_request_output
+from compiled_serve.engine.sampler import SamplingBatch, SamplingRow, sample
 from compiled_serve.engine.scheduler import Scheduler
 from compiled_serve.engine.sequence import Sequence, SequenceStatus
 from compiled_serve.engine.stats import EngineStats
 from compiled_serve.errors import InvalidParameterError
+from compiled_serve.models.loader import load_model
 from compiled_serve.outputs import RequestOutput
+from compiled_serve.passes.pipeline import compile_model
 from compiled_serve.sampling_params import SamplingParams
 
 logger = logging.getLogger("compiled_serve.engine")

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+
+from compiled_serve.errors import ModelLoadError
 from compiled_serve.models.base import CausalLM
 from compiled_serve.models.config import ModelConfig
 from compiled_serve.models.registry import resolve_model_class
-
-from compiled_serve.errors import ModelLoadError
 
 
 class LoadedModel(NamedTuple):

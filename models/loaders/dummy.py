@@ -12,6 +12,8 @@ import json
 import os
 
 import torch
+
+from compiled_serve.errors import ModelLoadError
 from compiled_serve.models.base import CausalLM
 from compiled_serve.models.config import ModelConfig
 from compiled_serve.models.layers import RMSNorm
@@ -24,8 +26,6 @@ from compiled_serve.models.loaders.base import (
 )
 from compiled_serve.models.loaders.safetensors_dir import load_hf_tokenizer, read_json, read_model_config
 from compiled_serve.models.presets import PRESETS, preset_config
-
-from compiled_serve.errors import ModelLoadError
 
 INIT_STD = 0.02
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from compiled_serve.errors import ModelLoadError
 from compiled_serve.models.config import ModelConfig
 from compiled_serve.models.layers import rope_inv_freq
 from compiled_serve.models.loaders.base import (
@@ -37,8 +39,6 @@ from compiled_serve.models.loaders.base import (
     require_existing,
 )
 from compiled_serve.models.loaders.gguf_reader import GGUFFile
-
-from compiled_serve.errors import ModelLoadError
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _GLOBAL_NAMES = {

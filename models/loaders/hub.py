@@ -7,10 +7,9 @@ import dataclasses
 import os
 import re
 
+from compiled_serve.errors import ModelLoadError
 from compiled_serve.models.loaders.base import LoadedModel, LoadRequest, WeightFormat, register_format
 from compiled_serve.models.loaders.safetensors_dir import load_safetensors_dir
-
-from compiled_serve.errors import ModelLoadError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Everything a safetensors snapshot needs, and nothing else (no .bin / .pth / .gguf duplicates).

@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from safetensors import safe_open
+
+from compiled_serve.errors import ModelLoadError
 from compiled_serve.models.config import ModelConfig
 from compiled_serve.models.loaders.base import (
     LoadedModel,
@@ -23,9 +26,6 @@ from compiled_serve.models.loaders.base import (
     register_format,
     require_existing,
 )
-from safetensors import safe_open
-
-from compiled_serve.errors import ModelLoadError
 
 _INDEX = "model.safetensors.index.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from compiled_serve.cache.artifact_store import ARTIFACTS_DIR, ArtifactStore
 from compiled_serve.cache.build_key import BuildKey
 from compiled_serve.cache.errors import (
@@ -23,7 +24,6 @@ from compiled_serve.cache.errors import (
     InvalidArtifactNameError,
 )
 from compiled_serve.cache.manifest import MANIFEST_NAME, ArtifactEntry, Manifest
-
 from compiled_serve.errors import CompiledServeError
 
 MakeKey = Callable[..., BuildKey]

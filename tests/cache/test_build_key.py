@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+
 from compiled_serve.cache.build_key import BuildKey, current_toolchain
 from compiled_serve.cache.errors import InvalidBuildKeyError
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
+
 from compiled_serve.cache.artifact_store import ArtifactStore
 from compiled_serve.cache.build_key import BuildKey
 from compiled_serve.cache.errors import InductorArtifactError
@@ -23,7 +25,6 @@ from compiled_serve.cache.inductor_artifacts import (
     install_inductor_artifacts,
     recording_compile_artifacts,
 )
-from torch._dynamo.utils import counters
 
 
 def _tiny(x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from compiled_serve.kernels.activation import silu_and_mul, silu_and_mul_reference
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from compiled_serve.kernels.causal_attention import causal_attention_reference
 from compiled_serve.kernels.paged_attention import paged_attention_reference, write_kv_reference
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from compiled_serve.kernels.rotary import rotary_embedding, rotary_embedding_reference
 
 

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+
 from compiled_serve.kernels.paged_attention import paged_attention_reference, write_kv_reference
 
 triton = pytest.importorskip("triton")

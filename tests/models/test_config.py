@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compiled_serve.models.config import ModelConfig
-from compiled_serve.models.registry import register_model, resolve_model_class, supported_architectures
 from tiny_models import tiny_hf_model
 
 from compiled_serve.errors import ModelLoadError
+from compiled_serve.models.config import ModelConfig
+from compiled_serve.models.registry import register_model, resolve_model_class, supported_architectures
 
 LLAMA31_JSON = {  # Meta-Llama-3.1-8B-Instruct config.json (old layout: rope_theta + rope_scaling)
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,

@@ -8,12 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from model_parity import assert_logits_match, hf_logits, our_logits
+from tiny_models import tiny_hf_model, write_tiny_gguf
+
 from compiled_serve.models.config import ModelConfig
 from compiled_serve.models.layers import rope_inv_freq
 from compiled_serve.models.loader import load_model
 from compiled_serve.models.loaders.base import file_fingerprint
-from model_parity import assert_logits_match, hf_logits, our_logits
-from tiny_models import tiny_hf_model, write_tiny_gguf
 
 
 def hf_names_of_ours(module: Any) -> dict[str, torch.Tensor]:
@@ -76,9 +77,10 @@ def test_tiny_gguf_matches_transformers_and_original(tmp_path: Any, arch: str) -
     original model's, and logits match transformers on the same file."""
     import gguf
     import transformers.utils.logging as hf_logging
-    from compiled_serve.models.loaders.gguf_file import gguf_config, iter_gguf_weights, open_gguf
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from compiled_serve.models.loaders.gguf_file import gguf_config, iter_gguf_weights, open_gguf
 
     hf_logging.disable_progress_bar()
     Q = gguf.GGMLQuantizationType
@@ -133,6 +135,7 @@ def test_rope_freqs_tensor_becomes_llama3_scaling(tmp_path: Any) -> None:
 def test_lean_reader_agrees_with_gguf_reader(tmp_path: Any) -> None:
     """Our GGUF parser vs the gguf package's on every metadata type and several tensor types."""
     import gguf
+
     from compiled_serve.models.loaders.gguf_reader import GGUFFile, StringArray
 
     Q = gguf.GGMLQuantizationType

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 import torch
-from compiled_serve.models.config import ModelConfig
-from compiled_serve.models.layers import rope_inv_freq
-from compiled_serve.models.loaders.base import build_empty_module
 from model_parity import assert_logits_match, hf_logits, our_logits
 from tiny_models import ours_from_hf, tiny_hf_model
 
 from compiled_serve.errors import ModelLoadError
+from compiled_serve.models.config import ModelConfig
+from compiled_serve.models.layers import rope_inv_freq
+from compiled_serve.models.loaders.base import build_empty_module
 
 IDS = torch.randint(0, 256, (17,), generator=torch.Generator().manual_seed(0))
 

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 import torch
-from compiled_serve.models.config import ModelConfig
-from compiled_serve.models.loader import load_model
-from compiled_serve.models.presets import PRESETS
 from model_parity import assert_logits_match, hf_logits, our_logits
 from tiny_models import tiny_hf_model
 
 from compiled_serve.errors import ModelLoadError
+from compiled_serve.models.config import ModelConfig
+from compiled_serve.models.loader import load_model
+from compiled_serve.models.presets import PRESETS
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 IDS = torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(3))

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from compiled_serve.models.config import ModelConfig
 from compiled_serve.models.loaders.base import build_empty_module
 

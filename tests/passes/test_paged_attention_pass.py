@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import compiled_serve.kernels.causal_attention  # noqa: F401
 import pytest
 import torch
+
+import compiled_serve.kernels.causal_attention  # noqa: F401
+from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
+from compiled_serve.errors import CompilationError
 from compiled_serve.passes.base import count_ops
 from compiled_serve.passes.paged_attention import PagedAttentionPass
 from compiled_serve.passes.pipeline import CompileReport, compile_model, make_backend
-
-from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
-from compiled_serve.errors import CompilationError
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, HIDDEN = 4, 2, 16, 3, 64
 
