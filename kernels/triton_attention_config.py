@@ -5,7 +5,8 @@ bf16, CUDA-graph replays). Decode: 16-row tiles, 64-key steps, 3 stages were bes
 of best among the configs tried, at 92-97% of the device-to-device copy bandwidth for batches
 that fill the GPU. Prefill: 128-row tiles with 64-key steps were best on average (~300 TFLOP/s
 for a 4096-token causal prefill). Batches too small to fill the GPU split each sequence's keys
-over up to 16 programs (1 seq x 4096 ctx: 112 us -> 16 us).
+over up to 16 programs (1 seq x 4096 ctx: 112 us -> 16 us). fp32 inputs (exact fp32 dots, no
+tensor cores) get small tiles: the bf16 shapes took ~a minute to compile and run in fp32.
 """
 
 from __future__ import annotations
@@ -28,16 +29,20 @@ class AttentionTiles(NamedTuple):
     num_stages: int
 
 
-def decode_tiles(group: int, head_dim: int) -> AttentionTiles:
+def decode_tiles(group: int, head_dim: int, dtype: torch.dtype) -> AttentionTiles:
     """Narrow tiles for sequences with few new tokens (decode, speculative verification)."""
     del head_dim  # same shapes for 64 and 128 so far
     block_m = max(16, triton.next_power_of_2(group))
-    return AttentionTiles(block_m, max(1, block_m // group), 64, 4, 3)
+    tile_n, stages = (32, 2) if dtype == torch.float32 else (64, 3)
+    return AttentionTiles(block_m, max(1, block_m // group), tile_n, 4, stages)
 
 
-def prefill_tiles(group: int, head_dim: int) -> AttentionTiles:
+def prefill_tiles(group: int, head_dim: int, dtype: torch.dtype) -> AttentionTiles:
     """Wide tiles for prefill chunks: more rows per K/V load, bigger matrix products."""
     del head_dim
+    if dtype == torch.float32:  # exact fp32 dots run on FMA units: smaller tiles compile and run faster
+        block_m = max(32, triton.next_power_of_2(group))
+        return AttentionTiles(block_m, max(1, block_m // group), 32, 4, 2)
     block_m = max(128, triton.next_power_of_2(group))
     return AttentionTiles(block_m, max(1, block_m // group), 64, 4, 3)
 

@@ -312,10 +312,10 @@ def paged_attention_triton(
             num_stages=tiles.num_stages,
         )  # fmt: skip
 
-    narrow = decode_tiles(group, head_dim)
+    narrow = decode_tiles(group, head_dim, q.dtype)
     if max_query_len > narrow.block_q:
         launch(narrow, 0, narrow.block_q, False, 1, (out, out))
-        launch(prefill_tiles(group, head_dim), narrow.block_q, _NO_LIMIT, True, 1, (out, out))
+        launch(prefill_tiles(group, head_dim, q.dtype), narrow.block_q, _NO_LIMIT, True, 1, (out, out))
         return out
 
     if num_splits is None:
