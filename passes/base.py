@@ -1,7 +1,8 @@
 """The base class every graph pass derives from.
 
 A pass rewrites a torch.fx GraphModule in place and returns how many sites it matched. Its
-`uuid()` hashes its own source, so a change to a pass invalidates every build that used it.
+`uuid()` hashes its own source, so a change to a pass invalidates every build that used it. Its
+`phase` says where the PassManager runs it: clean-ups first, pattern rewrites next, fix-ups last.
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ import torch.fx
 
 logger = logging.getLogger("compiled_serve.passes")
 
+#: The order the PassManager runs phases in; within a phase, passes keep their declared order.
+PHASES: tuple[str, ...] = ("cleanup", "rewrite", "fixup")
+
 
 class GraphPass:
-    """Subclass, set `name`, implement `apply(graph_module) -> matches`."""
+    """Subclass, set `name` (and `phase`), implement `apply(graph_module) -> matches`."""
 
     name: str = "graph-pass"
+    #: "cleanup" | "rewrite" | "fixup" (see PHASES).
+    phase: str = "rewrite"
     #: A pass that must match at least once, or compilation fails (never serve unrewritten).
     required: bool = False
 
@@ -51,12 +57,20 @@ class GraphPass:
 
 
 def count_ops(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """call_function targets by name -> count; what `--explain` and op-count tests read."""
+    """Op name -> count; what `--explain` and op-count tests read.
+
+    call_function targets by `op_name`; tensor methods (dynamo keeps `x.pow(2)` as a method call)
+    as "Tensor.pow".
+    """
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function":
             key = op_name(node.target)
-            counts[key] = counts.get(key, 0) + 1
+        elif node.op == "call_method":
+            key = f"Tensor.{node.target}"
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
     return counts
 
 

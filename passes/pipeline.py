@@ -27,6 +27,49 @@ def default_passes() -> list[GraphPass]:
     return [PagedAttentionPass()]
 
 
+def default_pipeline() -> Callable[[torch.fx.GraphModule], dict[str, int]]:
+    """What the backend runs on each captured graph: `gm -> {pass name: matches}`.
+
+    Seam: once `passes/manager.py` provides `default_pass_manager()` (callable on a graph module,
+    with `uuids()`), this is where it plugs in; until then the plain pass list is run in order.
+    """
+    manager = _pass_manager()
+    if manager is not None:
+        return _as_pipeline(manager)
+    return _as_pipeline(default_passes())
+
+
+def pipeline_uuids(pipeline: object | None = None) -> list[tuple[str, str]]:
+    """(name, uuid) per pass, in order: what a build key records about the pass pipeline."""
+    if pipeline is None:
+        manager = _pass_manager()
+        pipeline = manager if manager is not None else default_passes()
+    uuids = getattr(pipeline, "uuids", None)
+    if callable(uuids):
+        return [(str(name), str(uuid)) for name, uuid in uuids()]
+    return [(p.name, p.uuid()) for p in pipeline]  # type: ignore[attr-defined]
+
+
+def _pass_manager() -> object | None:
+    try:
+        from compiled_serve.passes.manager import default_pass_manager  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return default_pass_manager()
+
+
+def _as_pipeline(passes: object) -> Callable[[torch.fx.GraphModule], dict[str, int]]:
+    if isinstance(passes, (list, tuple)):
+        pass_list: list[GraphPass] = list(passes)
+        return lambda gm: {p.name: p(gm) for p in pass_list}
+
+    def run_manager(gm: torch.fx.GraphModule) -> dict[str, int]:
+        result = passes(gm)  # type: ignore[operator]
+        return dict(result) if isinstance(result, dict) else {"passes": int(result or 0)}
+
+    return run_manager
+
+
 @dataclass
 class CompileReport:
     """What each backend invocation did: one entry per captured graph."""
@@ -38,12 +81,13 @@ class CompileReport:
         return len(self.graphs)
 
 
-def make_backend(passes: Sequence[GraphPass], mode: str, report: CompileReport) -> Callable:
+def make_backend(passes: Sequence[GraphPass] | Callable, mode: str, report: CompileReport) -> Callable:
+    pipeline = _as_pipeline(passes)
+
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         start = time.perf_counter()
         entry: dict = {"ops_before": count_ops(gm), "matches": {}}
-        for p in passes:
-            entry["matches"][p.name] = p(gm)
+        entry["matches"] = pipeline(gm)
         entry["ops_after"] = count_ops(gm)
         if mode == "inductor":
             from torch._inductor.compile_fx import compile_fx
@@ -60,9 +104,10 @@ def make_backend(passes: Sequence[GraphPass], mode: str, report: CompileReport) 
 
 
 def compile_model(
-    model: torch.nn.Module, mode: str = "inductor", passes: Sequence[GraphPass] | None = None
+    model: torch.nn.Module, mode: str = "inductor", passes: Sequence[GraphPass] | Callable | None = None
 ) -> tuple[Callable, CompileReport]:
+    """`passes`: a pass list or a pass manager; None = the default pipeline."""
     report = CompileReport()
-    backend = make_backend(list(passes) if passes is not None else default_passes(), mode, report)
+    backend = make_backend(passes if passes is not None else default_pipeline(), mode, report)
     compiled = torch.compile(model.forward, backend=backend, dynamic=True, fullgraph=True)
     return compiled, report
