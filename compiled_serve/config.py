@@ -40,6 +40,13 @@ class EngineConfig:
     # Compilation: "inductor" compiles the rewritten graph; "graph" runs it as captured
     # (the pass pipeline still runs; useful for fast tests and debugging).
     compile_mode: str = "inductor"
+    # CUDA graphs for decode steps: batch buckets (None = 1, 2, 4, 8, 16, 24, ... max_num_seqs);
+    # enforce_eager turns them off. On CPU they are always off.
+    cuda_graph_buckets: tuple[int, ...] | None = None
+    enforce_eager: bool = False
+    # A directory of persisted builds (`compiled-serve compile --out DIR`): a matching build is
+    # loaded (verified first); a mismatched, partial or tampered one is refused with an error.
+    build_dir: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -56,6 +63,10 @@ class EngineConfig:
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 1, "must be >= 1"),
             ("max_logprobs", self.max_logprobs >= 0, "must be >= 0"),
             ("max_n", self.max_n >= 1, "must be >= 1"),
+            ("cuda_graph_buckets", self.cuda_graph_buckets is None or (
+                len(self.cuda_graph_buckets) > 0
+                and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.cuda_graph_buckets)),
+             "must be a non-empty list of positive ints"),
         ]
         for name, ok, message in checks:
             if not ok:

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from compiled_serve.build import BuildStatus, engine_build_key, load_build
 from compiled_serve.config import EngineConfig
 from compiled_serve.detokenizer import IncrementalDetokenizer
 from compiled_serve.engine.block_manager import BlockManager
+from compiled_serve.engine.buckets import resolve_decode_buckets
+from compiled_serve.engine.cuda_graphs import capture_cost_estimate, measure_capture_bytes
 from compiled_serve.engine.device import resolve_device, resolve_dtype
 from compiled_serve.engine.kv_cache import (
     allocate_kv_cache,
@@ -46,7 +50,7 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None):
+    def __init__(self, config: EngineConfig | None = None, on_progress: Callable[[str], None] | None = None):
         self.config = config = config or EngineConfig()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -60,14 +64,36 @@ class LLMEngine:
         self.chat_template = loaded.chat_template
         self.model_source = loaded.source
         self.weight_fingerprint = loaded.weight_fingerprint
+        self._on_progress = on_progress or (lambda message: None)
+
+        # Decode buckets (CUDA graphs), the build key, and a persisted build if one was asked for:
+        # its artifacts must be in torch's caches before the first compile (compiled_serve.build).
+        self.decode_buckets = resolve_decode_buckets(config.cuda_graph_buckets, config.max_num_seqs)
+        self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
+        self.build_key = engine_build_key(mc, self.weight_fingerprint, self.decode_buckets, self.dtype,
+                                          config.compile_mode, self.device)
+        self.build_status: BuildStatus | None = None
+        if config.build_dir is not None:
+            self.build_status = load_build(config.build_dir, self.build_key)
+        step_fn, self.compile_report = compile_model(self.model, mode=config.compile_mode)
+        self.compile_seconds = 0.0
 
         block_size = config.block_size
         per_block = kv_bytes_per_block(mc.num_layers, block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         elif self.device.type == "cuda":
-            num_blocks = num_blocks_for_cuda(self.device, config.gpu_memory_utilization,
-                                             self._profile_activation_peak(), per_block)
+            reserve = self._profile_activation_peak()
+            if self.use_cuda_graphs:
+                # The graph pool is private memory: measure it before the KV cache takes the rest.
+                self._on_progress("measuring CUDA-graph memory (compiles the step)")
+                t0 = time.perf_counter()
+                reserve += capture_cost_estimate(measure_capture_bytes(
+                    step_fn, mc.num_layers, block_size, mc.num_kv_heads, mc.head_dim, self.dtype,
+                    self.decode_buckets[-1], config.max_model_len or mc.max_position_embeddings, self.device,
+                ), len(self.decode_buckets))
+                self.compile_seconds += time.perf_counter() - t0
+            num_blocks = num_blocks_for_cuda(self.device, config.gpu_memory_utilization, reserve, per_block)
         else:
             num_blocks = num_blocks_for_cpu(config.cpu_kv_cache_gib, per_block)
         self.kv_caches = allocate_kv_cache(mc.num_layers, num_blocks, block_size, mc.num_kv_heads, mc.head_dim,
@@ -76,12 +102,16 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * block_size)
 
         t0 = time.perf_counter()
-        step_fn, self.compile_report = compile_model(self.model, mode=config.compile_mode)
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, step_fn, self.kv_caches, block_size, self.device)
+        self._on_progress("compiling (warm-up steps)")
         self._warmup()
-        self.compile_seconds = time.perf_counter() - t0
+        if self.use_cuda_graphs:
+            self.runner.capture_decode_graphs(
+                self.decode_buckets, self.max_model_len,
+                progress=lambda b: self._on_progress(f"captured CUDA graph for decode bucket {b}"))
+        self.compile_seconds += time.perf_counter() - t0
 
         self._requests: dict[str, _Request] = {}
         self._eos_ids = set(mc.eos_token_ids)
@@ -271,6 +301,13 @@ class LLMEngine:
             generation_tokens_total=self._generation_tokens_total, computed_tokens_total=self._computed_tokens_total,
         )
 
+    def _cuda_graph_status(self) -> str:
+        graphs = self.runner.decode_graphs
+        if graphs is None:
+            return "off (enforce_eager)" if self.device.type == "cuda" else f"off ({self.device.type})"
+        return (f"{len(graphs.graphs)} decode buckets {list(graphs.buckets)} in {graphs.capture_seconds:.1f}s, "
+                f"pool {graphs.pool_bytes / 2**20:.0f} MiB")
+
     def startup_report(self) -> dict:
         return {
             "model": self.model_source,
@@ -282,5 +319,7 @@ class LLMEngine:
             "max_model_len": self.max_model_len,
             "compile_mode": self.config.compile_mode,
             "compile_status": f"compiled {self.compile_report.num_graphs} graph(s) in {self.compile_seconds:.1f}s",
+            "build": self.build_status.message if self.build_status else "none (no build_dir)",
+            "cuda_graphs": self._cuda_graph_status(),
             "load_seconds": round(self.load_seconds, 2),
         }

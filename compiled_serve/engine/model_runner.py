@@ -4,14 +4,19 @@ Per step it builds, for the flat batch of T new tokens over S sequences:
   input_ids [T], positions [T], slot_mapping [T]          (one host->device copy each)
   block_tables [S, max_blocks], seq_lens [S], query_start_loc [S+1]
 and only the last token of each sequence whose chunk completes it gets logits.
+
+Decode steps (every sequence adds exactly one token) whose batch fits a bucket replay a CUDA
+graph instead (`cuda_graphs.DecodeGraphs`), once `capture_decode_graphs` ran; everything else
+calls the compiled step, whose token dimension is dynamic, so no batch size ever recompiles.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
+from compiled_serve.engine.cuda_graphs import DecodeGraphs
 from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
 from compiled_serve.engine.scheduler import SchedulerOutput
 
@@ -27,6 +32,20 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self._pin = device.type == "cuda"
+        self.decode_graphs: DecodeGraphs | None = None
+        self.num_graph_steps = 0  # steps served by the static decode path (stats, tests)
+
+    def capture_decode_graphs(
+        self, buckets: Sequence[int], max_model_len: int, capture: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> DecodeGraphs:
+        """Set up the static decode path; `capture=False` (or CPU) runs it without graphs."""
+        max_blocks = -(-max_model_len // self.block_size)
+        graphs = DecodeGraphs(self.step_fn, self.kv_caches, buckets, max_blocks, max_model_len, self.device,
+                              capture=capture)
+        graphs.capture_all(progress)
+        self.decode_graphs = graphs
+        return graphs
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         host = torch.tensor(values, dtype=dtype, pin_memory=self._pin)
@@ -57,6 +76,25 @@ class ModelRunner:
             if s.completes_prompt:
                 sample_rows.append(i)
                 logits_indices.append(qsl[-1] - 1)
+        graphs = self.decode_graphs
+        if graphs is not None and len(input_ids) == len(seq_lens) and graphs.fits(len(seq_lens), max_blocks):
+            # Pure decode: one token per sequence, so token row i is sequence i.
+            hidden = graphs.run(input_ids, positions, slots, seq_lens, [s.seq.block_ids for s in sched.scheduled])
+            self.num_graph_steps += 1
+        else:
+            hidden = self._run_dynamic(sched, input_ids, positions, slots, seq_lens, qsl, max_blocks)
+        if not logits_indices:
+            return hidden.new_empty((0, 0), dtype=torch.float32), []
+        if len(logits_indices) == hidden.shape[0]:
+            rows = hidden  # every token is sampled (decode): no gather
+        else:
+            rows = hidden[self._to_device(logits_indices, torch.int64)]
+        return self.model.compute_logits(rows), sample_rows
+
+    def _run_dynamic(
+        self, sched: SchedulerOutput, input_ids: list[int], positions: list[int], slots: list[int],
+        seq_lens: list[int], qsl: list[int], max_blocks: int,
+    ) -> torch.Tensor:
         tables = [s.seq.block_ids + [0] * (max_blocks - len(s.seq.block_ids)) for s in sched.scheduled]
         meta = AttentionMetadata(
             slot_mapping=self._to_device(slots, torch.int64),
@@ -72,8 +110,4 @@ class ModelRunner:
         ids = self._to_device(input_ids, torch.int64)
         pos = self._to_device(positions, torch.int64)
         with forward_context(meta):
-            hidden = self.step_fn(ids, pos)  # [T, hidden]
-        if not logits_indices:
-            return hidden.new_empty((0, 0), dtype=torch.float32), []
-        rows = hidden[self._to_device(logits_indices, torch.int64)]
-        return self.model.compute_logits(rows), sample_rows
+            return self.step_fn(ids, pos)  # [T, hidden]

@@ -1,0 +1,64 @@
+"""Batch buckets: the decode batch sizes that get a CUDA graph, and picking one for a step.
+
+The compiled step keeps its token dimension dynamic (dynamo `dynamic=True`), so Inductor never
+recompiles for a new batch size: a step of any size runs the one dynamic graph (dynamo
+specializes a size of 1 once, which is the decode-of-one graph). Buckets exist for CUDA graphs,
+which replay fixed shapes: a decode batch of n sequences is padded up to the smallest bucket
+>= n, and batches above the largest bucket run the dynamic graph without CUDA graphs.
+
+Default decode buckets follow vLLM/nano-vllm: 1, 2, 4, 8, then every multiple of 8 up to
+`max_num_seqs` (which is always a bucket itself).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+
+from compiled_serve.errors import InvalidParameterError
+
+BUCKET_STEP = 8
+
+
+def default_decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, 16, 24, ... up to and including `max_num_seqs`."""
+    if max_num_seqs < 1:
+        raise InvalidParameterError("max_num_seqs", f"must be >= 1, got {max_num_seqs}")
+    small = [b for b in (1, 2, 4) if b < max_num_seqs]
+    steps = list(range(BUCKET_STEP, max_num_seqs, BUCKET_STEP))
+    return tuple(small + steps + [max_num_seqs])
+
+
+def normalize_buckets(buckets: Iterable[int], max_num_seqs: int | None = None) -> tuple[int, ...]:
+    """Sorted, deduplicated, validated; entries above `max_num_seqs` are dropped (never used)."""
+    values = sorted(set(buckets))
+    for b in values:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise InvalidParameterError("cuda_graph_buckets", f"buckets must be positive ints, got {b!r}")
+    if max_num_seqs is not None:
+        values = [b for b in values if b <= max_num_seqs]
+    if not values:
+        raise InvalidParameterError("cuda_graph_buckets", "no bucket at or below max_num_seqs")
+    return tuple(values)
+
+
+def parse_buckets(text: str) -> tuple[int, ...]:
+    """"1,2,4,8" or "1 2 4 8" -> (1, 2, 4, 8), for the command line."""
+    try:
+        values = [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise InvalidParameterError("buckets", f"expected integers like 1,2,4,8; got {text!r}") from None
+    return normalize_buckets(values)
+
+
+def pick_bucket(buckets: Sequence[int], n: int) -> int | None:
+    """Smallest bucket >= n (buckets sorted ascending), or None if n is above the largest."""
+    i = bisect.bisect_left(buckets, n)
+    return buckets[i] if i < len(buckets) else None
+
+
+def resolve_decode_buckets(configured: Sequence[int] | None, max_num_seqs: int) -> tuple[int, ...]:
+    """The engine's decode buckets: the configured list (capped at max_num_seqs) or the default."""
+    if configured is None:
+        return default_decode_buckets(max_num_seqs)
+    return normalize_buckets(configured, max_num_seqs)
