@@ -8,6 +8,7 @@ A pass rewrites a torch.fx GraphModule in place and returns how many sites it ma
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import logging
 
@@ -24,6 +25,8 @@ class GraphPass:
     """Subclass, set `name` (and `phase`), implement `apply(graph_module) -> matches`."""
 
     name: str = "graph-pass"
+    #: Modules the pass relies on beyond its own and its bases' (hashed into `uuid()`).
+    uuid_modules: tuple[str, ...] = ()
     #: "cleanup" | "rewrite" | "fixup" (see PHASES).
     phase: str = "rewrite"
     #: A pass that must match at least once, or compilation fails (never serve unrewritten).
@@ -47,13 +50,28 @@ class GraphPass:
 
     @classmethod
     def uuid(cls) -> str:
-        """sha256 of the source of this class and its bases up to GraphPass."""
+        """sha256 of the source files of this class and its bases, and of `uuid_modules`.
+
+        Whole modules, not just class bodies: a pass's matcher functions live beside it.
+        """
         digest = hashlib.sha256()
-        for klass in cls.__mro__:
-            if klass is object:
-                break
-            digest.update(inspect.getsource(klass).encode())
+        seen: set[str] = set()
+        sources = [klass for klass in cls.__mro__ if klass is not object]
+        for item in [*sources, *(importlib.import_module(m) for m in cls.uuid_modules)]:
+            module = inspect.getmodule(item)
+            key = getattr(module, "__name__", "") if module is not None else ""
+            if key in seen and key != "__main__":
+                continue
+            seen.add(key)
+            digest.update(_source(module if module is not None and key != "__main__" else item).encode())
         return digest.hexdigest()
+
+
+def _source(obj: object) -> str:
+    try:
+        return inspect.getsource(obj)  # type: ignore[arg-type]
+    except (OSError, TypeError):  # defined where no source file exists (a REPL, exec)
+        return getattr(obj, "__qualname__", repr(obj))
 
 
 def count_ops(gm: torch.fx.GraphModule) -> dict[str, int]:

@@ -37,6 +37,7 @@ from compiled_serve.passes.matching import (
 class NoOpEliminationPass(GraphPass):
     name = "noop-elimination"
     phase = "cleanup"
+    uuid_modules = ("compiled_serve.passes.matching", "compiled_serve.passes.dead_code")
 
     def apply(self, gm: torch.fx.GraphModule) -> int:
         removed = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +65,8 @@ def _as_pipeline(passes: object) -> Callable[[torch.fx.GraphModule], dict[str, i
 
     def run_manager(gm: torch.fx.GraphModule) -> dict[str, int]:
         result = passes(gm)  # type: ignore[operator]
-        return dict(result) if isinstance(result, dict) else {"passes": int(result or 0)}
+        matches = getattr(result, "matches", result)  # a PassReport, or a plain {name: matches}
+        return dict(matches) if isinstance(matches, Mapping) else {"passes": int(matches or 0)}
 
     return run_manager
 

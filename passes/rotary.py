@@ -122,6 +122,7 @@ def match_rotation(add: torch.fx.Node) -> Rotation | None:
 class RotaryPass(GraphPass):
     name = "rotary"
     phase = "rewrite"
+    uuid_modules = ("compiled_serve.passes.matching", "compiled_serve.passes.dead_code")
 
     @staticmethod
     def rope_cos_sin_cache(freqs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
