@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(name="rel_err")
-def rel_err_fixture() -> object:
+def rel_err_fixture() -> Callable[[torch.Tensor, torch.Tensor], float]:
     return rel_err
 
 
@@ -107,5 +108,5 @@ def make_paged_batch(
 
 
 @pytest.fixture(name="make_paged_batch")
-def make_paged_batch_fixture() -> object:
+def make_paged_batch_fixture() -> Callable[..., PagedBatch]:
     return make_paged_batch
