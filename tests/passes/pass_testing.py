@@ -18,12 +18,12 @@ from tiny_models import ours_from_hf, tiny_hf_model  # noqa: E402
 LAYERS, KV_HEADS, HEAD_DIM, VOCAB = 2, 2, 16, 256
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(kind: str = "llama") -> torch.nn.Module:
     return ours_from_hf(tiny_hf_model(kind, num_hidden_layers=LAYERS)).eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _captured(kind: str, module: torch.nn.Module | None = None) -> tuple[torch.fx.GraphModule, list[Any]]:
     graphs: list[tuple[torch.fx.GraphModule, list[Any]]] = []
 
