@@ -19,12 +19,12 @@ LAYERS, KV_HEADS, HEAD_DIM, VOCAB = 2, 2, 16, 256
 
 
 @functools.cache
-def tiny_model(kind: str = "llama") -> torch.nn.Module:
-    return ours_from_hf(tiny_hf_model(kind, num_hidden_layers=LAYERS)).eval()
+def tiny_model(kind: str = "llama", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return ours_from_hf(tiny_hf_model(kind, num_hidden_layers=LAYERS), dtype=dtype).eval()
 
 
 @functools.cache
-def _captured(kind: str, module: torch.nn.Module | None = None) -> tuple[torch.fx.GraphModule, list[Any]]:
+def _captured(kind: str, module: torch.nn.Module | None = None, dtype: torch.dtype = torch.float32) -> tuple[torch.fx.GraphModule, list[Any]]:
     graphs: list[tuple[torch.fx.GraphModule, list[Any]]] = []
 
     def grab(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
@@ -32,16 +32,17 @@ def _captured(kind: str, module: torch.nn.Module | None = None) -> tuple[torch.f
         return gm.forward
 
     torch._dynamo.reset()
-    model = module if module is not None else tiny_model(kind)
+    model = module if module is not None else tiny_model(kind, dtype)
     with torch.no_grad():
         torch.compile(model.forward, backend=grab, fullgraph=True, dynamic=True)(torch.arange(5), torch.arange(5))
     assert len(graphs) == 1
     return graphs[0]
 
 
-def capture(kind: str = "llama", module: torch.nn.Module | None = None) -> tuple[torch.fx.GraphModule, list[Any]]:
-    """A fresh copy of the dynamo graph of `tiny_model(kind)` (or `module`), and its example inputs."""
-    gm, inputs = _captured(kind, module)
+def capture(kind: str = "llama", module: torch.nn.Module | None = None,
+            dtype: torch.dtype = torch.float32) -> tuple[torch.fx.GraphModule, list[Any]]:
+    """A fresh copy of the dynamo graph of `tiny_model(kind, dtype)` (or `module`), and its example inputs."""
+    gm, inputs = _captured(kind, module, dtype)
     return copy.deepcopy(gm), inputs
 
 

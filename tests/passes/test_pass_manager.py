@@ -77,3 +77,18 @@ def test_default_passes_on_llama_match_eager_through_the_paged_cache() -> None:
     with torch.no_grad():
         eager = torch.cat([tiny_model("llama")(i, torch.arange(len(i))) for i in ids])
     torch.testing.assert_close(paged, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_casts_do_not_hide_the_patterns() -> None:
+    """In bf16 the norm's casts are real (nothing to clean up); every pattern still matches."""
+    gm, example = capture("qwen3", dtype=torch.bfloat16)
+    reference, _ = capture("qwen3", dtype=torch.bfloat16)
+    report = PassManager([p for p in default_pass_manager().passes if p.name != "paged-attention"])(gm)
+    assert report.matches == {"noop-elimination": 0, "fused-add-rms-norm": 2 * LAYERS + 1 + 2 * LAYERS,
+                              "silu-mul": LAYERS, "rotary": LAYERS}
+    ids, positions = torch.randint(0, 256, (6,)), torch.randint(0, 60, (6,))
+    with torch.no_grad():
+        (got,) = gm(*graph_inputs(gm, example, ids, positions))
+        (want,) = reference(*graph_inputs(reference, example, ids, positions))
+    # The fused ops round once (fp32 inside); the unfused graph rounds after every bf16 op.
+    torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
