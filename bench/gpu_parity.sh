@@ -7,4 +7,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 python3 -m pytest -q -p no:cacheprovider -m heavy tests/engine/test_engine_hf_parity.py tests/engine/test_batch_invariance.py 2>&1 | tee "$OUT/gpu_parity_graph.log" | tail -5
 COMPILED_SERVE_TEST_COMPILE_MODE=inductor python3 -m pytest -q -p no:cacheprovider -m heavy tests/engine/test_engine_hf_parity.py -k llama 2>&1 | tee "$OUT/gpu_parity_inductor.log" | tail -5
-python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_marked.log" | tail -5
+python3 -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/server 2>&1 | tee "$OUT/gpu_marked.log" | tail -5

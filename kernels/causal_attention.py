@@ -27,6 +27,15 @@ def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 @torch.library.custom_op("compiled_serve::causal_attention", mutates_args=())
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    from compiled_serve.engine import forward_context
+
+    if forward_context._current is not None:
+        # Inside an engine step every attention must be paged. Getting here means an unrewritten
+        # graph (or eager code) ran, e.g. after a silent dynamo fallback: never serve that.
+        raise RuntimeError(
+            "dense causal_attention ran inside a paged engine step: the model graph was not rewritten "
+            "by PagedAttentionPass"
+        )
     return causal_attention_reference(q, k, v, scale)
 
 

@@ -27,6 +27,8 @@ MAX_TOKENS = 12
 # The same tests run on the GPU machine with COMPILED_SERVE_TEST_DEVICE=cuda (fp32 there too).
 DEVICE = os.environ.get("COMPILED_SERVE_TEST_DEVICE", "cpu")
 MODE = os.environ.get("COMPILED_SERVE_TEST_COMPILE_MODE", "graph")
+# On a GPU the default pool takes most of the memory; several engines live in one test process.
+BLOCKS = 1024 if DEVICE == "cuda" else None
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,8 @@ def check_against_hf(hf, engine: LLMEngine) -> None:
 
 
 def test_llama_module_matches_transformers(hf_llama):
-    engine = LLMEngine(EngineConfig(compile_mode=MODE, max_num_seqs=16, device=DEVICE, dtype="float32"))
+    engine = LLMEngine(EngineConfig(compile_mode=MODE, max_num_seqs=16, device=DEVICE, dtype="float32",
+                                    num_kv_blocks=BLOCKS))
     assert engine.model_config.architecture == "LlamaForCausalLM"
     check_against_hf(hf_llama, engine)
 
@@ -115,6 +118,7 @@ def test_llama_module_matches_transformers(hf_llama):
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 def test_same_weights_through_other_modules(as_architecture, arch):
     hf, path = as_architecture(arch)
-    engine = LLMEngine(EngineConfig(model=path, compile_mode=MODE, max_num_seqs=16, device=DEVICE, dtype="float32"))
+    engine = LLMEngine(EngineConfig(model=path, compile_mode=MODE, max_num_seqs=16, device=DEVICE, dtype="float32",
+                                    num_kv_blocks=BLOCKS))
     assert engine.model_config.architecture.lower().startswith(arch)
     check_against_hf(hf, engine)
