@@ -26,6 +26,14 @@ class LLM:
         self.llm_engine = LLMEngine(EngineConfig(model=model, **config))
         self._ids = itertools.count()
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """Wraps an engine that already exists (e.g. the one a server runs, for parity checks)."""
+        llm = cls.__new__(cls)
+        llm.llm_engine = engine
+        llm._ids = itertools.count()
+        return llm
+
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 

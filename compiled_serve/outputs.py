@@ -31,6 +31,15 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """Monotonic timestamps (time.monotonic) of a request's life; None until they happen."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None  # queue time = first_scheduled_time - arrival_time
+    first_token_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -38,3 +47,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    metrics: RequestMetrics | None = None

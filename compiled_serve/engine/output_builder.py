@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compiled_serve.outputs import CompletionOutput, Logprob, RequestOutput
+from compiled_serve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
 def _decode(tokenizer: Any, token_id: int) -> str | None:
@@ -35,7 +35,12 @@ def build_request_output(req: Any, tokenizer: Any) -> RequestOutput:
             logprobs=_logprobs(seq, tokenizer), finish_reason=finish, stop_reason=seq.stop_reason,
         ))
     cached = max(0, min((s.num_cached_tokens for s in req.seqs), default=0))
+    scheduled = [s.first_scheduled_time for s in req.seqs if s.first_scheduled_time is not None]
+    first_tokens = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+    metrics = RequestMetrics(arrival_time=min(s.arrival_time for s in req.seqs),
+                             first_scheduled_time=min(scheduled, default=None),
+                             first_token_time=min(first_tokens, default=None))
     return RequestOutput(
         request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids, outputs=outputs,
-        finished=all(s.status.finished for s in req.seqs), num_cached_tokens=cached,
+        finished=all(s.status.finished for s in req.seqs), num_cached_tokens=cached, metrics=metrics,
     )
