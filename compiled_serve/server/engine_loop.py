@@ -254,7 +254,8 @@ class EngineLoop:
                 continue  # already aborted by its consumer
             if not stream.scheduled:
                 stream.scheduled = True
-                stream.timer.scheduled(now)
+                first = output.metrics.first_scheduled_time if output.metrics is not None else None
+                stream.timer.scheduled(first if first is not None else now)
             tokens = sum(len(completion.token_ids) for completion in output.outputs)
             stream.timer.output(now, tokens - stream.tokens_seen)
             stream.tokens_seen = tokens

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import openai
 from live_server import generation_server
 
@@ -28,7 +26,6 @@ def test_greedy_chat_matches_offline(engine) -> None:
     finally:
         server.close()  # stops uvicorn and joins the engine thread: the engine is ours again
     # Drive the very same engine offline (LLM's constructor would load a second copy).
-    llm = LLM.__new__(LLM)
-    llm.llm_engine, llm._ids = engine, itertools.count()
+    llm = LLM.from_engine(engine)
     offline = llm.chat(CONVERSATIONS, SamplingParams(temperature=0, max_tokens=24), use_progress=False)
     assert [out.outputs[0].text for out in offline] == served
