@@ -21,7 +21,7 @@ _ENGINE_FLAGS: dict[str, type] = {
     "model": str, "load_format": str, "dtype": str, "device": str, "seed": int, "tokenizer": str,
     "block_size": int, "gpu_memory_utilization": float, "cpu_kv_cache_gib": float, "num_kv_blocks": int,
     "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int, "max_logprobs": int,
-    "max_n": int, "compile_mode": str,
+    "max_n": int, "compile_mode": str, "build_dir": str,
 }
 _SERVER_FLAGS: dict[str, type] = {
     "host": str, "port": int, "api_key": str, "max_waiting_requests": int, "retry_after_s": int,
@@ -56,12 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-request-chat-template", action="store_true",
                        help="let requests supply their own (sandboxed) chat template")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    from compiled_serve.build.command import add_compile_parser
+
+    add_compile_parser(commands)
     return parser
 
 
 def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     engine = EngineConfig(**{name: getattr(args, name) for name in _ENGINE_FLAGS},
-                          enable_prefix_caching=args.enable_prefix_caching)
+                          enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
     server_args: dict[str, Any] = {name: getattr(args, name) for name in _SERVER_FLAGS}
     server_args["api_key"] = server_args["api_key"] or os.environ.get("COMPILED_SERVE_API_KEY") or None
     served = tuple(args.served_model_names) if args.served_model_names else None
@@ -111,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "compile":
+            from compiled_serve.build.command import run_compile
+
+            return run_compile(args)
     except CompiledServeError as exc:
         print(f"compiled-serve: error: {exc}", file=sys.stderr)
         return 2

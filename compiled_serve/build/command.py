@@ -1,0 +1,78 @@
+"""The `compiled-serve compile` subcommand (the parser lives beside `serve` in cli.py).
+
+    compiled-serve compile --model M [--buckets 1,2,4,8] [--dtype D] --out DIR [--explain]
+    compiled-serve compile --model M ... --verify DIR      # recompile, compare manifests (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from compiled_serve.config import EngineConfig
+from compiled_serve.engine.buckets import parse_buckets
+
+# EngineConfig fields that change a build (the rest are serving knobs).
+COMPILE_FLAGS: dict[str, type] = {
+    "model": str, "load_format": str, "dtype": str, "device": str, "seed": int, "block_size": int,
+    "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int, "num_kv_blocks": int,
+    "gpu_memory_utilization": float, "compile_mode": str,
+}
+
+
+def add_compile_parser(commands: Any) -> None:
+    parser = commands.add_parser("compile", help="prebuild and persist what a server needs (warm start)")
+    defaults = EngineConfig.field_defaults()
+    for name, kind in COMPILE_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=defaults[name],
+                            help=f"(default: {defaults[name]!r})")
+    parser.add_argument("--buckets", type=parse_buckets, default=None,
+                        help="decode batch buckets, e.g. 1,2,4,8 (default: 1,2,4,8,16,...,max_num_seqs)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="build directory to save into")
+    target.add_argument("--verify", metavar="DIR", help="recompile and compare with the build stored in DIR")
+    parser.add_argument("--explain", action="store_true", help="print the build key, pass report and log")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    fields = {name: getattr(args, name) for name in COMPILE_FLAGS}
+    return EngineConfig(**fields, cuda_graph_buckets=args.buckets, enforce_eager=args.enforce_eager)
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from compiled_serve.build.compile import compile_build, verify_build
+
+    config = config_from_args(args)
+    if args.verify:
+        same, differences = verify_build(config, args.verify, show_progress=args.progress)
+        if same:
+            print(f"compiled-serve: build in {args.verify} verified: a recompile gives the same manifest")
+            return 0
+        print(f"compiled-serve: build in {args.verify} differs from a recompile:")
+        for line in differences:
+            print(f"  {line}")
+        return 1
+    result = compile_build(config, args.out, show_progress=args.progress)
+    report = result.report
+    print(f"compiled-serve: build {result.key.digest()[:12]} saved to {result.path}")
+    print(f"  manifest {result.manifest_hash[:12]}, {len(result.artifacts)} artifacts, "
+          f"{report['artifact_bytes'] / 2**20:.1f} MiB")
+    print(f"  load {report['load_seconds']:.1f}s, compile {report['compile_seconds']:.1f}s, "
+          f"total {report['total_seconds']:.1f}s; buckets {report['buckets']}; cuda graphs: {report['cuda_graphs']}")
+    if args.explain:
+        print("build key:")
+        print(json.dumps(result.key.to_dict(), indent=2))
+        print("passes per graph:")
+        for i, graph in enumerate(json.loads(result.artifacts["pass_report.json"])["graphs"], 1):
+            print(f"  graph {i}: matches {graph['matches']}")
+            changed = {op: (graph["ops_before"].get(op, 0), n) for op, n in graph["ops_after"].items()
+                       if graph["ops_before"].get(op, 0) != n}
+            gone = {op: (n, 0) for op, n in graph["ops_before"].items() if op not in graph["ops_after"]}
+            print(f"    ops changed (before, after): {changed | gone}")
+        print("log:")
+        for line in result.log:
+            print(f"  {line}")
+    return 0

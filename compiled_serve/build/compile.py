@@ -1,0 +1,152 @@
+"""`compiled-serve compile`: build everything a server needs, persist it, verify it.
+
+A compile runs the engine's own start-up (warm-up steps for both graph shapes, and on CUDA the
+capture of every decode bucket) while torch records its compile artifacts, in an empty Inductor
+cache directory so the build is made from scratch and every entry is recorded. The artifacts
+(torch's cache blob + an index + the pass report) are saved under the engine's `BuildKey` with
+`ArtifactStore.save`, which is atomic and safe for concurrent compiles into one directory.
+
+`verify_build` recompiles the same inputs from scratch and compares manifest hashes: the CI check
+that a stored build is what these sources and this toolchain produce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from compiled_serve.build.progress import CompileProgress
+from compiled_serve.build.reproducible import normalize_cache_blob
+from compiled_serve.cache import ArtifactStore, BuildKey, Manifest
+from compiled_serve.cache.build_key import canonical_json
+from compiled_serve.cache.inductor_artifacts import (
+    INDUCTOR_CACHE_ARTIFACT,
+    capture_inductor_artifacts,
+    recording_compile_artifacts,
+)
+from compiled_serve.config import EngineConfig
+from compiled_serve.errors import CompiledServeError
+
+PASS_REPORT_ARTIFACT = "pass_report.json"
+
+
+class BuildVerifyError(CompiledServeError):
+    """`compile --verify` found no build to check, or a recompile that differs from it."""
+
+
+@dataclasses.dataclass
+class CompileResult:
+    path: Path
+    key: BuildKey
+    manifest: Manifest
+    artifacts: dict[str, bytes]
+    report: dict[str, Any]
+    log: list[str]
+
+    @property
+    def manifest_hash(self) -> str:
+        return self.manifest.hash()
+
+
+@contextlib.contextmanager
+def fresh_inductor_cache(config: EngineConfig) -> Iterator[Path]:
+    """An empty TORCHINDUCTOR_CACHE_DIR (and so Triton cache) for the duration of the block.
+
+    Its path is a function of the config alone: torch writes the cache path into its artifacts,
+    so a random temp name would make two compiles of the same inputs differ. Compiles of the same
+    config (concurrent `compile` runs into one store) take turns through a lock on it.
+    """
+    tag = hashlib.sha256(repr(dataclasses.replace(config, build_dir=None)).encode()).hexdigest()[:16]
+    root = Path(tempfile.gettempdir()) / f"compiled-serve-build-{tag}"
+    lock_path = root.with_name(root.name + ".lock")
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root)
+        try:
+            yield root
+        finally:
+            if old is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+            shutil.rmtree(root, ignore_errors=True)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def pass_report(compile_report: Any) -> dict[str, Any]:
+    """The deterministic part of the compile report (no timings): ops and matches per graph."""
+    return {"graphs": [{k: g[k] for k in ("ops_before", "ops_after", "matches") if k in g}
+                       for g in compile_report.graphs]}
+
+
+def build_artifacts(config: EngineConfig, progress: CompileProgress) -> tuple[Any, dict[str, bytes]]:
+    """Run the engine's compile from scratch while recording; (engine, artifacts)."""
+    import torch
+
+    from compiled_serve.engine.llm_engine import LLMEngine
+
+    with fresh_inductor_cache(config), recording_compile_artifacts():
+        torch._dynamo.reset()
+        engine = LLMEngine(dataclasses.replace(config, build_dir=None), on_progress=progress.update)
+        artifacts = capture_inductor_artifacts()
+    if INDUCTOR_CACHE_ARTIFACT in artifacts:
+        artifacts[INDUCTOR_CACHE_ARTIFACT] = normalize_cache_blob(artifacts[INDUCTOR_CACHE_ARTIFACT])
+    artifacts[PASS_REPORT_ARTIFACT] = canonical_json(pass_report(engine.compile_report))
+    return engine, artifacts
+
+
+def compile_build(config: EngineConfig, out_dir: str | Path, show_progress: bool = True) -> CompileResult:
+    start = time.perf_counter()
+    with CompileProgress(show_progress) as progress:
+        engine, artifacts = build_artifacts(config, progress)
+        key = engine.build_key
+        report = {
+            "model": engine.model_source,
+            "buckets": list(engine.decode_buckets),
+            "load_seconds": round(engine.load_seconds, 2),
+            "compile_seconds": round(engine.compile_seconds, 2),
+            "total_seconds": round(time.perf_counter() - start, 2),
+            "cuda_graphs": engine.startup_report()["cuda_graphs"],
+            "num_graphs": engine.compile_report.num_graphs,
+            "artifact_bytes": sum(len(v) for v in artifacts.values()),
+            "log": list(progress.lines),
+        }
+        progress.update("saving build")
+        path = ArtifactStore(out_dir).save(key, artifacts, report=report)
+    manifest = Manifest.build(key, artifacts, report)
+    del engine
+    return CompileResult(path, key, manifest, artifacts, report, progress.lines)
+
+
+def verify_build(config: EngineConfig, build_dir: str | Path, show_progress: bool = True) -> tuple[bool, list[str]]:
+    """Recompile `config` from scratch and compare with the stored build of the same key.
+
+    Returns (identical, differences). Raises `BuildVerifyError` if there is no stored build to
+    compare with; a stored build that fails verification raises the store's typed error.
+    """
+    with tempfile.TemporaryDirectory(prefix="compiled-serve-verify-") as scratch:
+        fresh = compile_build(config, scratch, show_progress)
+    stored = ArtifactStore(build_dir).load(fresh.key)
+    if stored is None:
+        differences = ArtifactStore(build_dir).explain_miss(fresh.key)
+        raise BuildVerifyError(f"no build of these inputs in {build_dir}"
+                               + (f" ({'; '.join(differences)})" if differences else ""))
+    if stored.manifest.hash() == fresh.manifest_hash:
+        return True, []
+    ours = {a.name: a for a in fresh.manifest.artifacts}
+    theirs = {a.name: a for a in stored.manifest.artifacts}
+    differences = [f"{name}: {'missing in stored build' if name not in theirs else 'missing in recompile' if name not in ours else 'bytes differ'}"
+                   for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
+    return False, differences

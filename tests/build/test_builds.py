@@ -1,0 +1,126 @@
+"""Persisted builds: compile, load (warm start), refuse what cannot be trusted, reproduce, verify.
+
+Fast tests use compile_mode="graph" (the pass pipeline runs, no Inductor), whose build holds the
+pass report; the `heavy` tests run Inductor on the tiny model in fresh processes, as a server would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_engine import tiny_config_path, tiny_engine
+
+from compiled_serve.build import BuildRefusedError
+from compiled_serve.build.compile import compile_build
+from compiled_serve.cache import ArtifactStore
+from compiled_serve.cli import main
+from compiled_serve.config import EngineConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(tmp_path: Path, **overrides) -> EngineConfig:
+    fields = dict(model=tiny_config_path(tmp_path), load_format="dummy", dtype="float32", compile_mode="graph",
+                  num_kv_blocks=64, max_num_seqs=8, device="cpu")
+    fields.update(overrides)
+    return EngineConfig(**fields)
+
+
+def _cli_args(tmp_path: Path, mode: str = "graph") -> list[str]:
+    return ["compile", "--model", tiny_config_path(tmp_path), "--load-format", "dummy", "--dtype", "float32",
+            "--compile-mode", mode, "--num-kv-blocks", "64", "--max-num-seqs", "8", "--device", "cpu",
+            "--no-progress"]
+
+
+def test_compile_then_load(tmp_path: Path) -> None:
+    result = compile_build(_config(tmp_path), tmp_path / "builds", show_progress=False)
+    assert result.key.buckets == (1, 2, 4, 8)
+    assert [p[0] for p in result.key.passes] and all(len(p[1]) == 64 for p in result.key.passes)
+    assert "pass_report.json" in result.artifacts
+    assert any("compiled graph" in line for line in result.log)  # progress saw the passes
+    engine = tiny_engine(tmp_path, num_kv_blocks=64, max_num_seqs=8, build_dir=str(tmp_path / "builds"))
+    assert engine.build_status is not None and engine.build_status.loaded
+    assert engine.startup_report()["build"] == f"build {result.key.digest()[:12]} loaded: 1 artifacts"
+
+
+def test_mismatched_build_is_reported_not_loaded(tmp_path: Path) -> None:
+    compile_build(_config(tmp_path), tmp_path / "builds", show_progress=False)
+    engine = tiny_engine(tmp_path, num_kv_blocks=64, max_num_seqs=16, build_dir=str(tmp_path / "builds"))
+    assert not engine.build_status.loaded
+    assert engine.startup_report()["build"] == "no matching build: buckets differs ((1, 2, 4, 8) vs (1, 2, 4, 8, 16))"
+
+
+@pytest.mark.parametrize("damage", ["tamper", "truncate", "remove"])
+def test_damaged_build_is_refused(tmp_path: Path, damage: str) -> None:
+    result = compile_build(_config(tmp_path), tmp_path / "builds", show_progress=False)
+    artifact = result.path / "artifacts" / "pass_report.json"
+    if damage == "tamper":
+        artifact.write_bytes(artifact.read_bytes().replace(b"paged", b"PAGED"))
+    elif damage == "truncate":
+        artifact.write_bytes(artifact.read_bytes()[:-1])
+    else:
+        artifact.unlink()
+    with pytest.raises(BuildRefusedError, match="refusing build"):
+        tiny_engine(tmp_path, num_kv_blocks=64, max_num_seqs=8, build_dir=str(tmp_path / "builds"))
+
+
+def test_cli_compile_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "builds"
+    assert main([*_cli_args(tmp_path), "--out", str(out), "--explain"]) == 0
+    printed = capsys.readouterr().out
+    assert "saved to" in printed and "build key:" in printed and "matches" in printed
+    assert main([*_cli_args(tmp_path), "--verify", str(out)]) == 0
+    assert "verified" in capsys.readouterr().out
+    assert main([*_cli_args(tmp_path), "--verify", str(tmp_path / "empty")]) == 2  # nothing to verify
+
+
+def _compile_in_subprocess(tmp_path: Path, out: Path, mode: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "compiled_serve.cli", *_cli_args(tmp_path, mode), "--out", str(out)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.heavy
+def test_concurrent_compiles_into_one_dir(tmp_path: Path) -> None:
+    out = tmp_path / "builds"
+    procs = [_compile_in_subprocess(tmp_path, out, "graph") for _ in range(2)]
+    for p in procs:
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, output
+    builds = ArtifactStore(out).list()
+    assert len(builds) == 1 and not ArtifactStore(out).verify(builds[0].path)
+
+
+@pytest.mark.heavy
+def test_inductor_build_is_reproducible_and_warm_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two compiles in fresh processes give one manifest hash; a fresh cache dir then hits it."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    hashes = []
+    for name in ("a", "b"):
+        p = _compile_in_subprocess(tmp_path, tmp_path / name, "inductor")
+        output, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, output
+        (build,) = ArtifactStore(tmp_path / name).list()
+        hashes.append(build.manifest.hash())
+    assert hashes[0] == hashes[1]
+
+    monkeypatch.setattr(inductor_config, "force_disable_caches", False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    torch._dynamo.reset()
+    counters.clear()
+    engine = tiny_engine(tmp_path, num_kv_blocks=64, max_num_seqs=8, compile_mode="inductor",
+                         build_dir=str(tmp_path / "a"))
+    assert engine.build_status.loaded and engine.build_status.num_artifacts == 3
+    assert counters["inductor"]["fxgraph_cache_hit"] == engine.compile_report.num_graphs == 2
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    report = json.loads((build.path / "artifacts" / "pass_report.json").read_bytes())
+    assert len(report["graphs"]) == 2
+    torch._dynamo.reset()
