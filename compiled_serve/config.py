@@ -40,6 +40,9 @@ class EngineConfig:
     # Compilation: "inductor" compiles the rewritten graph; "graph" runs it as captured
     # (the pass pipeline still runs; useful for fast tests and debugging).
     compile_mode: str = "inductor"
+    # Graph passes beyond the built-ins ("pkg.module:PassClass"), and built-ins to switch off by name.
+    extra_passes: tuple[str, ...] = ()
+    disabled_passes: tuple[str, ...] = ()
     # CUDA graphs for decode steps: batch buckets (None = 1, 2, 4, 8, 16, 24, ... max_num_seqs);
     # enforce_eager turns them off. On CPU they are always off.
     cuda_graph_buckets: tuple[int, ...] | None = None

@@ -35,6 +35,7 @@ from compiled_serve.errors import InvalidParameterError
 from compiled_serve.models.loader import load_model
 from compiled_serve.outputs import RequestOutput
 from compiled_serve.passes.pipeline import compile_model
+from compiled_serve.passes.registry import default_pass_manager
 from compiled_serve.sampling_params import SamplingParams
 
 logger = logging.getLogger("compiled_serve.engine")
@@ -70,12 +71,14 @@ class LLMEngine:
         # its artifacts must be in torch's caches before the first compile (compiled_serve.build).
         self.decode_buckets = resolve_decode_buckets(config.cuda_graph_buckets, config.max_num_seqs)
         self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
+        self.pass_manager = default_pass_manager(extra=list(config.extra_passes),
+                                                 disabled=list(config.disabled_passes))
         self.build_key = engine_build_key(mc, self.weight_fingerprint, self.decode_buckets, self.dtype,
-                                          config.compile_mode, self.device)
+                                          config.compile_mode, self.device, passes=self.pass_manager)
         self.build_status: BuildStatus | None = None
         if config.build_dir is not None:
             self.build_status = load_build(config.build_dir, self.build_key)
-        step_fn, self.compile_report = compile_model(self.model, mode=config.compile_mode)
+        step_fn, self.compile_report = compile_model(self.model, mode=config.compile_mode, passes=self.pass_manager)
         self.compile_seconds = 0.0
 
         block_size = config.block_size

@@ -17,6 +17,7 @@ def test_the_doc_shows_the_example_verbatim() -> None:
     source = (ROOT / "tests/passes/doc_example_pass.py").read_text()
     example = source.split("# --- begin doc example ---\n")[1].split("# --- end doc example ---")[0]
     assert example.strip() in (ROOT / "docs/passes.md").read_text()
+    assert example.strip() in (ROOT / "README.md").read_text()
 
 
 class Doubler(torch.nn.Module):
@@ -39,3 +40,16 @@ def test_example_counts_and_parity() -> None:
 def test_example_plugs_in_by_dotted_path() -> None:
     manager = default_pass_manager(extra=["doc_example_pass:DoubleToAddPass"])
     assert manager.names[-2:] == ["double-to-add", "paged-attention"]  # rewrite phase, before fixups
+
+
+def test_engine_config_plugs_in_a_user_pass(monkeypatch) -> None:
+    """EngineConfig.extra_passes reaches the engine's pass manager and its build key."""
+    from compiled_serve.config import EngineConfig
+    from compiled_serve.engine.llm_engine import LLMEngine
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", load_format="dummy", compile_mode="graph",
+                                    num_kv_blocks=64, extra_passes=("doc_example_pass:DoubleToAddPass",)))
+    names = [name for name, _ in engine.build_key.passes]
+    assert "double-to-add" in names and "paged-attention" in names
+    assert "double-to-add" in engine.pass_manager.names
