@@ -35,7 +35,7 @@ def engine_args(args: argparse.Namespace) -> list[str]:
 def cold_compile(args: argparse.Namespace, build_dir: Path) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="bench-cold-")}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "compiled_serve.cli", "compile", *engine_args(args),
+    proc = subprocess.run([sys.executable, "-m", "compiled_serve.build.command", "compile", *engine_args(args),
                            "--out", str(build_dir), "--no-progress"], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=args.timeout)
     wall = time.perf_counter() - start

@@ -76,3 +76,23 @@ def run_compile(args: argparse.Namespace) -> int:
         for line in result.log:
             print(f"  {line}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m compiled_serve.build.command compile ...`: the same command without the server's imports."""
+    import sys
+
+    from compiled_serve.errors import CompiledServeError
+
+    parser = argparse.ArgumentParser(prog="compiled-serve")
+    add_compile_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return run_compile(args)
+    except CompiledServeError as exc:
+        print(f"compiled-serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
