@@ -2,12 +2,14 @@
 
 A decode step (every sequence adds one token) of n sequences is padded to the smallest bucket
 b >= n and replayed from the graph captured for b. The graph reads its inputs from static
-buffers, so a step only copies its inputs in (three host->device copies) and launches the graph:
+buffers, so a step only copies its inputs in (five small host->device copies) and launches it:
 
-  ids64  [3, B] int64:   input_ids | positions | slot_mapping
+  input_ids [B], positions [B], slot_mapping [B] int64
   meta32 [2B + 1] int32: seq_lens [B] | query_start_loc [B + 1]
   block_tables [B, max_blocks_per_seq] int32
-(B = the largest bucket.) The forward context during capture and replay points at views of
+(B = the largest bucket.) The model's inputs are `input_ids[:b]` and `positions[:b]`, prefixes of
+their own buffers: a view at a non-zero storage offset (a row of one packed buffer) makes dynamo
+compile another graph. The forward context during capture and replay points at views of
 these buffers, so the paged-attention kernels read them wherever they are in the graph.
 
 Padding rows (n..b) carry slot -1 (the KV write skips them), seq_len 0 and an empty query range
@@ -83,10 +85,14 @@ class DecodeGraphs:
         self.max_seq_len = max_seq_len
         self.device = device
         self.use_graphs = capture and device.type == "cuda"
-        self.ids64 = torch.zeros(3, big, dtype=torch.int64, device=device)  # ids | positions | slots
-        self.ids64[2].fill_(-1)
-        self.meta32 = torch.zeros(2 * big + 1, dtype=torch.int32, device=device)  # seq_lens | qsl
-        self.block_tables = torch.zeros(big, max_blocks_per_seq, dtype=torch.int32, device=device)
+        # Inference tensors, like the runner's per-step inputs: a normal tensor carries another
+        # dispatch key, and dynamo would compile a second graph for it.
+        with torch.inference_mode():
+            self.input_ids = torch.zeros(big, dtype=torch.int64, device=device)
+            self.positions = torch.zeros(big, dtype=torch.int64, device=device)
+            self.slot_mapping = torch.full((big,), -1, dtype=torch.int64, device=device)
+            self.meta32 = torch.zeros(2 * big + 1, dtype=torch.int32, device=device)  # seq_lens | qsl
+            self.block_tables = torch.zeros(big, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bucket -> hidden [bucket, hidden], in the pool
         self.pool: object | None = None
@@ -96,7 +102,7 @@ class DecodeGraphs:
     def metadata(self, bucket: int) -> AttentionMetadata:
         big = self.max_bucket
         return AttentionMetadata(
-            slot_mapping=self.ids64[2, :bucket],
+            slot_mapping=self.slot_mapping[:bucket],
             block_tables=self.block_tables[:bucket],
             seq_lens=self.meta32[:bucket],
             query_start_loc=self.meta32[big:big + bucket + 1],
@@ -107,7 +113,7 @@ class DecodeGraphs:
 
     def _run_static(self, bucket: int) -> torch.Tensor:
         with forward_context(self.metadata(bucket)):
-            return self.step_fn(self.ids64[0, :bucket], self.ids64[1, :bucket])  # [bucket, hidden]
+            return self.step_fn(self.input_ids[:bucket], self.positions[:bucket])  # [bucket, hidden]
 
     @torch.inference_mode()
     def capture_all(self, progress: Callable[[int], None] | None = None) -> None:
@@ -116,21 +122,21 @@ class DecodeGraphs:
             return
         start = time.perf_counter()
         self.meta32.zero_()
-        self.ids64[2].fill_(-1)
-        torch.cuda.synchronize(self.device)
-        reserved = torch.cuda.memory_reserved(self.device)
+        self.slot_mapping.fill_(-1)
         self.pool = torch.cuda.graph_pool_handle()
         for bucket in sorted(self.buckets, reverse=True):
             self._run_static(bucket)  # warm-up outside the graph: compiles, autotunes, loads kernels
             torch.cuda.synchronize(self.device)
+            # Only the capture allocates from the private pool; warm-ups use the shared one.
+            reserved = torch.cuda.memory_reserved(self.device)
             graph = torch.cuda.CUDAGraph()
             with forward_context(self.metadata(bucket)), torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[bucket] = self.step_fn(self.ids64[0, :bucket], self.ids64[1, :bucket])
+                self.outputs[bucket] = self.step_fn(self.input_ids[:bucket], self.positions[:bucket])
+            torch.cuda.synchronize(self.device)
+            self.pool_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
             self.graphs[bucket] = graph
             if progress is not None:
                 progress(bucket)
-        torch.cuda.synchronize(self.device)
-        self.pool_bytes = torch.cuda.memory_reserved(self.device) - reserved
         self.capture_seconds = time.perf_counter() - start
         logger.info("captured %d decode graph(s) in %.2fs, pool %.1f MiB", len(self.graphs),
                     self.capture_seconds, self.pool_bytes / 2**20)
@@ -149,7 +155,9 @@ class DecodeGraphs:
         pin = self.device.type == "cuda"
         ids64, meta32, tables = pad_decode_inputs(input_ids, positions, slots, seq_lens, block_tables,
                                                   bucket, self.max_bucket, pin)
-        self.ids64[:, :bucket].copy_(ids64, non_blocking=True)
+        self.input_ids[:bucket].copy_(ids64[0], non_blocking=True)
+        self.positions[:bucket].copy_(ids64[1], non_blocking=True)
+        self.slot_mapping[:bucket].copy_(ids64[2], non_blocking=True)
         self.meta32.copy_(meta32, non_blocking=True)
         self.block_tables[:bucket, : tables.shape[1]].copy_(tables, non_blocking=True)
         graph = self.graphs.get(bucket)

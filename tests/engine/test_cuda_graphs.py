@@ -53,8 +53,10 @@ def test_static_decode_path_generates_the_same_tokens(tmp_path: Path, device: st
     prompts = [[rng.randrange(256) for _ in range(rng.randrange(3, 30))] for _ in range(7)]
     if engine.runner.decode_graphs is None:  # CPU: the static path without capture
         engine.runner.capture_decode_graphs(engine.decode_buckets, engine.max_model_len, capture=False)
+    warm = engine.compile_report.num_graphs
     with_static = _generate(engine, prompts)
     assert engine.runner.num_graph_steps > 0
+    assert engine.compile_report.num_graphs == warm == 2  # the static buffers' views never recompile
     graphs, engine.runner.decode_graphs = engine.runner.decode_graphs, None
     steps = engine.runner.num_graph_steps
     dynamic = _generate(engine, prompts)
@@ -106,6 +108,7 @@ def test_replay_matches_dynamic_step_and_padding_never_touches_the_cache(tmp_pat
 
 @pytest.mark.gpu
 def test_enforce_eager_turns_graphs_off(tmp_path: Path) -> None:
+    torch._dynamo.reset()  # earlier engines in this process count towards dynamo's recompile limit
     engine = _engine(tmp_path, "cuda", enforce_eager=True)
     assert engine.runner.decode_graphs is None
     assert engine.startup_report()["cuda_graphs"] == "off (enforce_eager)"
