@@ -91,6 +91,7 @@ def match_rms_norm(rsqrt: torch.fx.Node) -> RMSNormSite | None:
 class FusedAddRMSNormPass(GraphPass):
     name = "fused-add-rms-norm"
     phase = "rewrite"
+    devices = ("cuda",)  # its CPU implementation is the slower reference
     uuid_modules = ("compiled_serve.passes.matching", "compiled_serve.passes.dead_code")
 
     def apply(self, gm: torch.fx.GraphModule) -> int:

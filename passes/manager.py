@@ -134,8 +134,9 @@ def default_pass_manager(
     extra: Iterable[str | GraphPass | type[GraphPass]] = (),
     disabled: Iterable[str] = (),
     dump_dir: str | Path | None = None,
+    device: str | None = None,
 ) -> PassManager:
     """The built-in passes plus plug-ins (see `registry.default_pass_manager`, which this calls)."""
     from compiled_serve.passes.registry import default_pass_manager as build
 
-    return build(extra, disabled, dump_dir)
+    return build(extra, disabled, dump_dir, device)

@@ -81,17 +81,20 @@ def default_pass_manager(
     extra: Iterable[PassSpec] = (),
     disabled: Iterable[str] = (),
     dump_dir: str | Path | None = None,
+    device: str | None = None,
 ) -> PassManager:
     """Built-ins, then installed entry points, then `extra`; minus the names in `disabled`.
+
+    With `device` ("cpu" / "cuda"), built-in passes that do not pay off there are left out.
 
     Disabling a required pass (paged-attention) or a name no pass has is a CompilationError:
     a typo must not silently keep a pass on, and attention must always become paged.
     """
-    passes = [cls() for cls in BUILTIN_PASSES.values()]
+    passes = [cls() for cls in BUILTIN_PASSES.values() if device is None or device in cls.devices]
     passes += entry_point_passes()
     passes += [resolve_pass(spec) for spec in extra]
     off = set(disabled)
-    unknown = off - {p.name for p in passes}
+    unknown = off - {p.name for p in passes} - set(BUILTIN_PASSES)
     if unknown:
         raise CompilationError(
             f"cannot disable unknown pass(es) {sorted(unknown)}; known: {[p.name for p in passes]}")

@@ -122,6 +122,7 @@ def match_rotation(add: torch.fx.Node) -> Rotation | None:
 class RotaryPass(GraphPass):
     name = "rotary"
     phase = "rewrite"
+    devices = ("cuda",)  # its CPU implementation is the slower reference
     uuid_modules = ("compiled_serve.passes.matching", "compiled_serve.passes.dead_code")
 
     @staticmethod

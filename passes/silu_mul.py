@@ -52,6 +52,7 @@ def match_silu_mul(silu: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] |
 class SiluMulPass(GraphPass):
     name = "silu-mul"
     phase = "rewrite"
+    devices = ("cuda",)  # its CPU implementation is the slower reference
     uuid_modules = ("compiled_serve.passes.matching", "compiled_serve.passes.dead_code")
 
     def apply(self, gm: torch.fx.GraphModule) -> int:

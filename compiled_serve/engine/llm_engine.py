@@ -72,7 +72,7 @@ class LLMEngine:
         self.decode_buckets = resolve_decode_buckets(config.cuda_graph_buckets, config.max_num_seqs)
         self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
         self.pass_manager = default_pass_manager(extra=list(config.extra_passes),
-                                                 disabled=list(config.disabled_passes))
+                                                 disabled=list(config.disabled_passes), device=self.device.type)
         self.build_key = engine_build_key(mc, self.weight_fingerprint, self.decode_buckets, self.dtype,
                                           config.compile_mode, self.device, passes=self.pass_manager)
         self.build_status: BuildStatus | None = None

@@ -69,3 +69,15 @@ def test_a_broken_entry_point_is_named(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(CompilationError, match="entry point 'count-nodes'.*failed to load"):
         default_pass_manager()
     sys.modules.pop("my_passes", None)
+
+
+def test_device_filter_keeps_kernel_fusions_for_cuda_only() -> None:
+    from compiled_serve.passes.registry import default_pass_manager as build
+
+    cpu = build(device="cpu").names
+    cuda = build(device="cuda").names
+    assert "paged-attention" in cpu and "noop-elimination" in cpu
+    assert not {"fused-add-rms-norm", "silu-mul", "rotary"} & set(cpu)
+    assert {"fused-add-rms-norm", "silu-mul", "rotary", "paged-attention"} <= set(cuda)
+    # Naming a pass that the device filter already dropped is not an error.
+    assert build(device="cpu", disabled=["rotary"]).names == cpu
