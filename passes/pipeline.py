@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -110,5 +111,21 @@ def compile_model(
     """`passes`: a pass list or a pass manager; None = the default pipeline."""
     report = CompileReport()
     backend = make_backend(passes if passes is not None else default_pipeline(), mode, report)
-    compiled = torch.compile(model.forward, backend=backend, dynamic=True, fullgraph=True)
+    compiled = torch.compile(_own_entry_point(model), backend=backend, dynamic=True, fullgraph=True)
     return compiled, report
+
+
+def _own_entry_point(model: torch.nn.Module) -> Callable:
+    """`model.forward` behind a function with a code object of its own.
+
+    Dynamo keeps compiled graphs, and its recompile budget, per code object. Every model of one
+    architecture shares `forward`'s code, so each engine in a process would add its graphs to the
+    same cache until `fullgraph=True` hits the recompile limit. A fresh code object per compile
+    gives each engine its own cache.
+    """
+
+    def step(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return model.forward(input_ids, positions)
+
+    return types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__,
+                              step.__closure__)
