@@ -75,9 +75,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx
     write_kv_reference(k, v, kv_cache, meta.slot_mapping)
     seq_lens = meta.seq_lens_host if meta.seq_lens_host is not None else meta.seq_lens.tolist()
     qsl = meta.query_start_loc_host if meta.query_start_loc_host is not None else meta.query_start_loc.tolist()
-    from compiled_serve.kernels.paged_attention_cpu import paged_attention_cpu
+    from compiled_serve.kernels.paged_attention_cpu import paged_attention_cpu, plan_decode
 
-    return paged_attention_cpu(q, kv_cache, meta.block_tables, seq_lens, qsl, scale)
+    plan = meta.cpu_decode_plan
+    if plan is None:  # planned by the first layer, reused by the rest; False: nothing to batch
+        plan = meta.cpu_decode_plan = plan_decode(meta.block_tables, seq_lens, qsl, kv_cache.shape[2]) or False
+    if plan is False:
+        return paged_attention_reference(q, kv_cache, meta.block_tables, seq_lens, qsl, scale)
+    return paged_attention_cpu(q, kv_cache, meta.block_tables, seq_lens, qsl, scale, plan=plan)
 
 
 @paged_attention.register_fake

@@ -30,6 +30,8 @@ class AttentionMetadata:
     # Host copies for the pure-torch reference (it loops over sequences); kernels ignore them.
     seq_lens_host: list[int] | None = None
     query_start_loc_host: list[int] | None = None
+    # Step-level plan of the CPU attention path, built by the first layer (False: none needed).
+    cpu_decode_plan: object | None = None
 
 
 _current: AttentionMetadata | None = None
