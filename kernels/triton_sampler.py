@@ -1,0 +1,204 @@
+"""Triton fused sampler: the CUDA implementation of `compiled_serve::fused_sample`.
+
+Semantics and the RNG scheme are those of `fused_sample_reference` (kernels/fused_sampling.py).
+One program owns one row and walks the vocabulary in BLOCK-wide tiles, several times:
+
+1. raw max, argmax and online logsumexp (greedy token, logprob), and the scaled row's max and
+   minimum. Greedy rows stop here.
+2. top-k: the k-th largest scaled logit, found exactly by bisection over the int32 keys that
+   order fp32 values (`_order_key`): at most 32 counting passes, fewer as the range closes.
+3. top-p: the same bisection on the value whose tail mass `sum(exp(s - max), s >= t)` first
+   reaches p * Z (Z: mass left by top-k); keeping every `s >= t` keeps the token crossing p.
+4. the exponential race: argmax of exp(s - max) / E over the tokens that pass top-k, top-p and
+   min-p (exp(s - max) >= min_p, i.e. prob >= min_p * max prob), E from Philox per token.
+
+Thresholds are values, so ties with the last kept token are all kept (the sort-based reference
+keeps a sort-order subset of ties at the top-p boundary; top-k ties are kept by both). Everything
+stays on the device: no host syncs, one launch, so it replays under CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_INT32_MAX = 2**31 - 1
+_SPLITS = 16  # threshold candidates tested per pass over the row
+
+
+@triton.jit
+def _order_key(s):
+    """fp32 -> int32 with the same order (negative floats have their magnitude bits flipped)."""
+    bits = s.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return tl.where(key == -1, 0, key)  # -0.0 (key -1) compares equal to +0.0, as floats do
+
+
+@triton.jit
+def _scaled_tile(row_ptr, start, vocab, temperature, BLOCK: tl.constexpr):
+    """One tile: token ids, valid mask, raw and scaled logits (-inf past the vocab), keys. [BLOCK] each."""
+    idx = start + tl.arange(0, BLOCK)
+    valid = idx < vocab
+    x = tl.load(row_ptr + idx, mask=valid, other=float("-inf")).to(tl.float32)
+    s = x / temperature
+    return idx, valid, x, s, _order_key(s)
+
+
+@triton.jit
+def _search_threshold(
+    row_ptr, vocab, temperature, s_max, lo, hi, target, MASS: tl.constexpr, BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr,
+):  # fmt: skip
+    """Largest key t in [lo, hi) with tail(t) >= target, given tail(lo) >= target > tail(hi).
+
+    tail(t) sums, over tokens with key >= t, exp(s - s_max) when MASS, else 1 (a count). Each
+    pass over the row tests SPLITS evenly spaced candidates at once, so the 2^32 key range
+    closes in about 32 / log2(SPLITS) passes; the answer is exact (it is some token's key).
+    """
+    j = tl.arange(0, SPLITS).to(tl.int64) + 1  # [SPLITS]
+    while hi - lo > 1:
+        step = tl.maximum((hi - lo) // SPLITS, 1)
+        candidates = tl.minimum(lo + step * j, hi)  # [SPLITS], increasing, in (lo, hi]
+        tail = tl.zeros([SPLITS], tl.float32)
+        for start in range(0, vocab, BLOCK):
+            idx, valid, x, s, key = _scaled_tile(row_ptr, start, vocab, temperature, BLOCK)
+            if MASS:
+                weight = tl.where(valid, tl.exp(s - s_max), 0.0)  # [BLOCK]
+            else:
+                weight = valid.to(tl.float32)
+            above = key[None, :] >= candidates[:, None]  # [SPLITS, BLOCK]
+            tail += tl.sum(tl.where(above, weight[None, :], 0.0), 1)
+        reached = tail >= target  # [SPLITS]; true on a prefix (tail falls as t rises)
+        lo = tl.maximum(lo, tl.max(tl.where(reached, candidates, lo), 0))
+        hi = tl.minimum(hi, tl.min(tl.where(reached, hi, candidates), 0))
+    return lo
+
+
+@triton.jit
+def _fused_sample_kernel(
+    token_ptr,  # [N] int64
+    logprob_ptr,  # [N] float32
+    logits_ptr,  # [N, V]
+    temperature_ptr,  # [N] float32
+    top_k_ptr,  # [N] int32
+    top_p_ptr,  # [N] float32
+    min_p_ptr,  # [N] float32
+    seed_ptr,  # [N] int64
+    offset_ptr,  # [N] int64
+    greedy_ptr,  # [N] bool (as int8)
+    vocab,
+    stride_row,
+    BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    temperature = tl.load(temperature_ptr + row)
+    sampled = (tl.load(greedy_ptr + row) == 0) & (temperature > 0.0)
+    temperature = tl.where(sampled, temperature, 1.0)
+
+    # Pass 1: raw max / argmax / sum of exp, scaled max / min key.
+    m_raw = tl.full([], -1.0e30, tl.float32)  # finite start: no -inf - -inf on all -inf tiles
+    l_raw = tl.zeros([], tl.float32)
+    arg_raw = tl.zeros([], tl.int32)
+    s_max = tl.full([], float("-inf"), tl.float32)
+    key_min = tl.full([], _INT32_MAX, tl.int32)
+    for start in range(0, vocab, BLOCK):
+        idx, valid, x, s, key = _scaled_tile(row_ptr, start, vocab, temperature, BLOCK)
+        tile_max = tl.max(x, 0)
+        tile_arg = tl.argmax(x, 0).to(tl.int32) + start
+        arg_raw = tl.where(tile_max > m_raw, tile_arg, arg_raw)  # strict: the first maximum wins
+        m_new = tl.maximum(m_raw, tile_max)
+        l_raw = l_raw * tl.exp(m_raw - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m_raw = m_new
+        s_max = tl.maximum(s_max, tl.max(s, 0))
+        key_min = tl.minimum(key_min, tl.min(tl.where(valid, key, _INT32_MAX), 0))
+
+    token = arg_raw
+    if sampled:
+        key_hi = _order_key(s_max).to(tl.int64) + 1  # nothing is >= key_hi
+        threshold = key_min.to(tl.int64)  # keep s with key >= threshold
+
+        # Pass 2 (top-k): largest key with count(key >= t) >= k, i.e. the k-th largest value.
+        top_k = tl.load(top_k_ptr + row)
+        if (top_k > 0) & (top_k < vocab):
+            threshold = _search_threshold(
+                row_ptr,
+                vocab,
+                temperature,
+                s_max,
+                threshold,
+                key_hi,
+                top_k.to(tl.float32),
+                False,
+                BLOCK,
+                SPLITS,
+            )
+
+        # Pass 3 (top-p): largest key whose tail mass reaches p of the mass top-k left.
+        top_p = tl.load(top_p_ptr + row)
+        if top_p < 1.0:
+            total = tl.zeros([], tl.float32)
+            for start in range(0, vocab, BLOCK):
+                idx, valid, x, s, key = _scaled_tile(row_ptr, start, vocab, temperature, BLOCK)
+                total += tl.sum(tl.where(valid & (key >= threshold), tl.exp(s - s_max), 0.0), 0)
+            threshold = _search_threshold(
+                row_ptr, vocab, temperature, s_max, threshold, key_hi, top_p * total, True, BLOCK, SPLITS
+            )
+
+        # Pass 4: exponential race with Philox noise, key (seed) and counter (token, offset, 0).
+        min_p = tl.load(min_p_ptr + row)
+        seed = tl.load(seed_ptr + row)
+        offset = tl.load(offset_ptr + row)
+        k0 = seed.to(tl.uint32)  # int64 -> uint32 keeps the low word
+        k1 = (seed >> 32).to(tl.uint32)
+        best = tl.full([], -1.0, tl.float32)
+        for start in range(0, vocab, BLOCK):
+            idx, valid, x, s, key = _scaled_tile(row_ptr, start, vocab, temperature, BLOCK)
+            weight = tl.exp(s - s_max)  # [BLOCK] unnormalised probs
+            keep = valid & (key >= threshold) & (weight >= min_p)
+            c0 = idx.to(tl.uint32)
+            zero = c0 * 0
+            c1 = zero + offset.to(tl.uint32)
+            c2 = zero + (offset >> 32).to(tl.uint32)
+            bits, _, _, _ = tl.philox_impl(c0, c1, c2, zero, k0, k1)
+            uniform = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2^-23
+            score = tl.where(keep, weight / -tl.log(uniform), -1.0)
+            tile_best = tl.max(score, 0)
+            tile_arg = tl.argmax(score, 0).to(tl.int32) + start
+            token = tl.where(tile_best > best, tile_arg, token)
+            best = tl.maximum(best, tile_best)
+
+    x_token = tl.load(row_ptr + token).to(tl.float32)
+    tl.store(token_ptr + row, token.to(tl.int64))
+    tl.store(logprob_ptr + row, (x_token - m_raw) - tl.log(l_raw))
+
+
+def fused_sample_triton(
+    logits: torch.Tensor,  # [N, V]
+    temperature: torch.Tensor,  # [N] float32
+    top_k: torch.Tensor,  # [N] int32, 0 = off
+    top_p: torch.Tensor,  # [N] float32, 1 = off
+    min_p: torch.Tensor,  # [N] float32, 0 = off
+    seeds: torch.Tensor,  # [N] int64
+    offsets: torch.Tensor,  # [N] int64
+    greedy: torch.Tensor,  # [N] bool
+    block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_ids [N] int64, logprobs [N] float32); one program per row, no host syncs."""
+    num_rows, vocab = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    token_ids = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    if num_rows == 0:
+        return token_ids, logprobs
+    if block is None:
+        block = min(1024, triton.next_power_of_2(vocab))  # [SPLITS, block] fits registers
+    _fused_sample_kernel[(num_rows,)](
+        token_ids, logprobs, logits, temperature.float(), top_k.int(), top_p.float(), min_p.float(),
+        seeds.long(), offsets.long(), greedy.to(torch.int8), vocab, logits.stride(0),
+        BLOCK=block, SPLITS=_SPLITS, num_warps=8 if block >= 2048 else 4,
+    )  # fmt: skip
+    return token_ids, logprobs
