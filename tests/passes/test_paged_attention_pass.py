@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pass_testing import HEAD_DIM as SHARED_HEAD_DIM
+from pass_testing import KV_HEADS as SHARED_KV_HEADS
+from pass_testing import fresh_cache_metadata
 
 import compiled_serve.kernels.causal_attention  # noqa: F401
 from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
@@ -13,6 +16,7 @@ from compiled_serve.passes.paged_attention import PagedAttentionPass
 from compiled_serve.passes.pipeline import CompileReport, compile_model, make_backend
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, HIDDEN = 4, 2, 16, 3, 64
+assert (KV_HEADS, HEAD_DIM) == (SHARED_KV_HEADS, SHARED_HEAD_DIM)  # the shared cache helper's layout
 
 
 class TinyAttnModel(torch.nn.Module):
@@ -49,22 +53,8 @@ def capture(model: torch.nn.Module) -> torch.fx.GraphModule:
     return graphs[0]
 
 
-def meta_for(seq_tokens: list[int], num_blocks: int = 8, block_size: int = 4):
-    """A fresh cache and metadata for sequences prefilled from scratch, blocks laid out in order."""
-    caches = [torch.zeros(2, num_blocks, block_size, KV_HEADS, HEAD_DIM) for _ in range(LAYERS)]
-    slots, tables, qsl, nxt = [], [], [0], 0
-    for n in seq_tokens:
-        nb = -(-n // block_size)
-        blocks = list(range(nxt, nxt + nb))
-        nxt += nb
-        tables.append(blocks + [0] * (4 - nb))
-        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(n)]
-        qsl.append(qsl[-1] + n)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots), block_tables=torch.tensor(tables, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_tokens, dtype=torch.int32), query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-        max_query_len=max(seq_tokens), max_seq_len=max(seq_tokens), kv_caches=caches,
-        seq_lens_host=list(seq_tokens), query_start_loc_host=qsl)
+def meta_for(seq_tokens: list[int]):
+    return fresh_cache_metadata(seq_tokens, num_blocks=8, num_layers=LAYERS)
 
 
 def test_op_counts_before_and_after():
