@@ -28,7 +28,7 @@ from compiled_serve.engine.kv_cache import (
 from compiled_serve.engine.model_runner import ModelRunner
 from compiled_serve.engine.output_builder import build_request_output
 from compiled_serve.engine.sampler import SamplingBatch, SamplingRow, sample
-from compiled_serve.engine.scheduler import Scheduler
+from compiled_serve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from compiled_serve.engine.sequence import Sequence, SequenceStatus
 from compiled_serve.engine.stats import EngineStats
 from compiled_serve.errors import InvalidParameterError
@@ -142,20 +142,18 @@ class LLMEngine:
         return int(peak * 1.2)
 
     def _warmup(self) -> None:
-        """Compiles both graph shapes (one token, many tokens) before the first request."""
+        """Compiles both graph shapes (many tokens, one token) before the first request.
+
+        The warm-up sequence takes its blocks from a throwaway pool over the same cache, so the
+        engine's own pool and prefix-cache counters start untouched.
+        """
+        pool = BlockManager(self.block_manager.num_blocks, self.config.block_size, enable_prefix_caching=False)
         for prompt_len in (2 * self.config.block_size + 3, 1):
             seq = Sequence("__warmup__", 0, [0] * prompt_len, SamplingParams(max_tokens=1), 1)
-            if not self.block_manager.allocate_slots(seq, prompt_len):
+            if not pool.allocate_slots(seq, prompt_len):
                 raise RuntimeError("KV cache too small for the warm-up step")
-            from compiled_serve.engine.scheduler import ScheduledSequence, SchedulerOutput
-
             self.runner.execute(SchedulerOutput([ScheduledSequence(seq, prompt_len)]))
-            self.block_manager.free(seq)
-        # Warm-up blocks must not be found by later prefix lookups (their K/V is garbage-free but
-        # the accounting should start clean).
-        self.block_manager = BlockManager(self.block_manager.num_blocks, self.config.block_size,
-                                          self.config.enable_prefix_caching)
-        self.scheduler.block_manager = self.block_manager
+            pool.free(seq)
 
     # ------------------------------------------------------------- requests
     def tokenize(self, prompt: str) -> list[int]:
