@@ -54,9 +54,13 @@ class BlockManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.prefix_cache_queries += seq.num_tokens
-        self.prefix_cache_hits += len(hits) * self.block_size
         return hits
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Counts one admitted request's lookup (a request that must wait is looked up again)."""
+        if self.pool.enable_caching:
+            self.prefix_cache_queries += num_tokens
+            self.prefix_cache_hits += num_hit_tokens
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Makes room for num_new_tokens more tokens after seq's computed (and newly cached) ones.

@@ -99,10 +99,10 @@ class Scheduler:
             num_cached = len(cached) * bm.block_size
             num_new = min(seq.num_tokens - seq.num_computed_tokens - num_cached, budget)
             if not bm.allocate_slots(seq, num_new, cached):
-                bm.prefix_cache_queries -= seq.num_tokens  # not admitted: the lookup will be redone
-                bm.prefix_cache_hits -= num_cached
                 break
             self.waiting.popleft()
+            if seq.num_computed_tokens == 0:
+                bm.record_prefix_lookup(seq.num_tokens, num_cached)
             seq.num_computed_tokens += num_cached
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = num_cached
