@@ -12,16 +12,17 @@ def _decode(tokenizer: Any, token_id: int) -> str | None:
 
 
 def _logprobs(seq: Any, tokenizer: Any) -> list[dict[int, Logprob]] | None:
+    """The sequence's logprob dicts; each token's is built (and its tokens decoded) only once."""
     if seq.params.logprobs is None:
         return None
-    result = []
-    for token, (lp, rank, top_ids, top_vals) in zip(seq.output_token_ids, seq.logprobs):
+    built = seq.logprob_entries
+    for token, (lp, rank, top_ids, top_vals) in zip(seq.output_token_ids[len(built):], seq.logprobs[len(built):]):
         entry = {token: Logprob(lp, rank if rank is not None else 0, _decode(tokenizer, token))}
         for r, (tid, val) in enumerate(zip(top_ids, top_vals), start=1):
             if tid not in entry:
                 entry[tid] = Logprob(val, r, _decode(tokenizer, tid))
-        result.append(entry)
-    return result
+        built.append(entry)
+    return list(built)
 
 
 def build_request_output(req: Any, tokenizer: Any) -> RequestOutput:

@@ -49,6 +49,7 @@ class Sequence:
     # Per generated token: (sampled logprob, rank, top ids, top values) when logprobs were asked.
     logprobs: list[Any] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    logprob_entries: list[Any] = field(default_factory=list)  # user-facing dicts, built once per token
     detokenizer: Any = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
