@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compiled_serve.engine.sampler import SamplingBatch, apply_penalties
 from compiled_serve.kernels.fused_sampling import (
     filter_logits_reference,
     fused_sample,
@@ -19,6 +20,9 @@ from compiled_serve.kernels.fused_sampling import (
 )
 
 Settings = tuple[torch.Tensor, ...]  # temperature, top_k, top_p, min_p, seeds, offsets, greedy
+# repetition_penalty, seen_mask, frequency_penalty, presence_penalty, output_counts (or all None)
+Penalties = tuple[torch.Tensor | None, ...]
+NO_PENALTIES: Penalties = (None,) * 5
 
 
 def _random_settings(num_rows: int, vocab: int, seed: int, device: str = "cpu") -> Settings:
@@ -38,6 +42,28 @@ def _random_settings(num_rows: int, vocab: int, seed: int, device: str = "cpu") 
     offsets = torch.randint(0, 2**40, (num_rows,), generator=gen)
     settings = (temperature, top_k, top_p, min_p, seeds, offsets, greedy)
     return tuple(t.to(device) for t in settings)
+
+
+def _random_penalties(num_rows: int, vocab: int, seed: int, device: str = "cpu") -> Penalties:
+    """Dense penalty inputs: some rows neutral (1.0 / 0.0), the rest pushing either way."""
+    gen = torch.Generator().manual_seed(seed)
+    neutral = torch.rand(num_rows, generator=gen) < 0.3
+    repetition = torch.where(neutral, 1.0, 0.5 + 1.5 * torch.rand(num_rows, generator=gen))
+    seen = torch.rand(num_rows, vocab, generator=gen) < 0.3
+    frequency = torch.where(neutral, 0.0, 2 * torch.rand(num_rows, generator=gen) - 1)
+    presence = torch.where(neutral, 0.0, 2 * torch.rand(num_rows, generator=gen) - 1)
+    counts = torch.randint(0, 4, (num_rows, vocab), generator=gen).float() * (torch.rand(num_rows, vocab, generator=gen) < 0.2)
+    return tuple(t.to(device) for t in (repetition, seen, frequency, presence, counts))
+
+
+def _penalised(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    """The pure-torch sampler's `apply_penalties` on the dense inputs: [N, V] float32."""
+    repetition, seen, frequency, presence, counts = penalties
+    batch = SamplingBatch(vocab_size=logits.shape[-1], temperature=None, top_k=None, top_p=None,  # type: ignore[arg-type]
+                          min_p=None, greedy=None, generators=[], repetition_penalty=repetition,  # type: ignore[arg-type]
+                          seen_mask=seen, frequency_penalty=frequency, presence_penalty=presence,
+                          output_counts=counts)  # fmt: skip
+    return apply_penalties(logits.float(), batch)
 
 
 def _random_logits(num_rows: int, vocab: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -60,13 +86,16 @@ def _allowed(logits: torch.Tensor, settings: Settings) -> torch.Tensor:
 
 
 def _check_rows(
-    logits: torch.Tensor, settings: Settings, token_ids: torch.Tensor, logprobs: torch.Tensor
-) -> None:
-    """(1) greedy rows take the argmax, (2) sampled tokens are allowed, (3) raw logprobs."""
+    logits: torch.Tensor, settings: Settings, token_ids: torch.Tensor, logprobs: torch.Tensor,
+    penalties: Penalties = NO_PENALTIES,
+) -> None:  # fmt: skip
+    """(1) greedy rows take the penalised argmax, (2) sampled tokens are allowed after the
+    penalties, (3) logprobs are those of the raw (unpenalised) logits."""
     greedy = settings[-1]
-    argmax = logits.float().argmax(dim=-1)
+    penalised = _penalised(logits, penalties)
+    argmax = penalised.argmax(dim=-1)
     assert torch.equal(token_ids[greedy], argmax[greedy])
-    assert _allowed(logits, settings).gather(1, token_ids[:, None]).all()
+    assert _allowed(penalised, settings).gather(1, token_ids[:, None]).all()
     expected = logits.float().log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]
     torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=0)
 
@@ -138,6 +167,58 @@ def test_kernel_respects_each_filter_on_flat_rows(
     assert _allowed(logits, settings).float().mean() < 0.6  # the filters do bite
     token_ids, logprobs = fused_sample_triton(logits, *settings)
     _check_rows(logits, settings, token_ids, logprobs)
+
+
+@pytest.mark.parametrize("groups", ["repetition", "frequency", "both"])
+def test_kernel_applies_penalties_like_the_reference(groups: str, triton_device: str) -> None:
+    """Penalised rows (block < vocab, so the scratch row spans tiles), greedy and sampled."""
+    from compiled_serve.kernels.triton_sampler import fused_sample_triton
+
+    vocab = 200
+    logits = _random_logits(8, vocab, seed=20).to(triton_device)
+    settings = _random_settings(8, vocab, seed=20, device=triton_device)
+    penalties = list(_random_penalties(8, vocab, seed=20, device=triton_device))
+    if groups == "frequency":
+        penalties[:2] = [None, None]
+    if groups == "repetition":
+        penalties[2:] = [None, None, None]
+    token_ids, logprobs = fused_sample_triton(logits, *settings, *penalties, block=64)
+    _check_rows(logits, settings, token_ids, logprobs, tuple(penalties))
+    ref_ids, ref_logprobs = fused_sample_reference(logits, *settings, *penalties)
+    assert torch.equal(token_ids, ref_ids)
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=0)
+
+
+def test_penalties_change_the_draw_and_greedy_follows_them() -> None:
+    """A heavily penalised argmax is never the greedy token; raw logprobs ignore the penalty."""
+    logits = _random_logits(6, 50, seed=21)
+    settings = list(_random_settings(6, 50, seed=21))
+    settings[-1] = torch.ones(6, dtype=torch.bool)  # all greedy
+    seen = torch.zeros(6, 50, dtype=torch.bool).scatter_(1, logits.argmax(-1, keepdim=True), True)
+    penalties = (torch.full((6,), 1e6), seen, None, None, None)
+    token_ids, logprobs = fused_sample(logits, *settings, *penalties)
+    assert not (token_ids == logits.argmax(-1)).any()
+    _check_rows(logits, tuple(settings), token_ids, logprobs, penalties)
+
+
+def test_penalty_groups_must_be_whole_and_shaped() -> None:
+    logits = _random_logits(3, 40, seed=22)
+    settings = _random_settings(3, 40, seed=22)
+    repetition, seen, frequency, presence, counts = _random_penalties(3, 40, seed=22)
+    with pytest.raises(ValueError, match="seen_mask"):
+        fused_sample(logits, *settings, repetition, None, None, None, None)
+    with pytest.raises(ValueError, match="output_counts"):
+        fused_sample(logits, *settings, None, None, frequency, presence, None)
+    with pytest.raises(ValueError, match=r"counts has shape \(3, 39\)"):
+        fused_sample(logits, *settings, None, None, frequency, presence, counts[:, :39])
+
+
+def test_custom_op_with_penalties_passes_opcheck() -> None:
+    logits = _random_logits(4, 40, seed=23)
+    settings = _random_settings(4, 40, seed=23)
+    penalties = _random_penalties(4, 40, seed=23)
+    torch.library.opcheck(fused_sample, (logits, *settings, *penalties))
+    _check_rows(logits, settings, *fused_sample(logits, *settings, *penalties), penalties)
 
 
 def test_reference_samples_lie_in_the_filtered_set() -> None:
@@ -236,6 +317,17 @@ def test_gpu_kernel_matches_filter_and_reference(cuda_device: str) -> None:
     ref_ids = fused_sample_reference(logits, *settings)[0]
     # bf16 rows tie often: the kernel keeps all ties at the top-p boundary, so allow a few misses.
     assert (token_ids == ref_ids).float().mean() >= 0.9
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_with_penalties_matches_filter_and_reference(cuda_device: str) -> None:
+    logits = _random_logits(32, GPU_VOCAB, seed=13, dtype=torch.bfloat16).to(cuda_device)
+    settings = _random_settings(32, GPU_VOCAB, seed=13, device=cuda_device)
+    penalties = _random_penalties(32, GPU_VOCAB, seed=13, device=cuda_device)
+    token_ids, logprobs = fused_sample(logits, *settings, *penalties)
+    _check_rows(logits, settings, token_ids, logprobs, penalties)
+    ref_ids = fused_sample_reference(logits, *settings, *penalties)[0]
+    assert (token_ids == ref_ids).float().mean() >= 0.9  # bf16 ties at the top-p boundary
 
 
 @pytest.mark.gpu
