@@ -17,7 +17,7 @@ holding the padding rows, which are zeroed.
 The KV loop walks TILE_N key positions at a time (TILE_N may span several cache blocks: each key's
 physical block is gathered from `block_tables`), with an online softmax in fp32 (exp2, scale folded
 into log2 units): first the keys every row of the tile sees, without masks, then the diagonal
-tiles with the causal mask. With NUM_SPLITS > 1 (small decode batches) each program takes one
+tiles with the causal mask. With num_splits > 1 (small decode batches) each program takes one
 slice of the keys and writes unnormalised partials that `_merge_splits_kernel` combines.
 Tile shapes and split counts: kernels/triton_attention_config.py.
 """
@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from compiled_serve.kernels.triton_attention_config import (
+    MAX_SPLITS,
     AttentionTiles,
     choose_num_splits,
     decode_tiles,
@@ -106,11 +107,14 @@ def _attend_key_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Batch-dependent integers are not specialised: Triton would otherwise compile a variant for
+# each of (== 1, divisible by 16, other) per argument, i.e. new compiles as batch sizes change
+# during serving (seconds each), which the warm-up cannot enumerate.
+@triton.jit(do_not_specialize=["num_tokens", "num_seqs", "q_len_lo", "q_len_hi", "num_splits"])
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
-    partial_acc_ptr,  # [num_tokens, num_heads, NUM_SPLITS, HEAD_DIM_P] fp32 (split-KV only)
-    partial_ml_ptr,  # [2, num_tokens, num_heads, NUM_SPLITS] fp32: running max, sum (split-KV only)
+    partial_acc_ptr,  # [num_tokens, num_heads, num_splits, HEAD_DIM_P] fp32 (SPLIT_KV only)
+    partial_ml_ptr,  # [2, num_tokens, num_heads, num_splits] fp32: running max, sum (SPLIT_KV only)
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -131,6 +135,7 @@ def _paged_attention_kernel(
     num_heads,
     q_len_lo,  # this launch owns the sequences with q_len_lo < q_len <= q_len_hi
     q_len_hi,
+    num_splits,
     GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -139,7 +144,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT_KV: tl.constexpr,  # num_splits > 1: write partials for the merge kernel
     ZERO_PADDING: tl.constexpr,  # this launch zeroes the padding rows
 ):
     tile_idx = tl.program_id(0)
@@ -183,8 +188,8 @@ def _paged_attention_kernel(
     q_pos = first_pos + tok_in_seq  # [BLOCK_M]
     # Keys this tile can see: positions below its last query's position + 1.
     num_keys = first_pos + tl.minimum((seq_tile + 1) * BLOCK_Q, q_len)
-    # Split-KV: this program takes one of NUM_SPLITS equal, TILE_N-aligned slices of the keys.
-    per_split = tl.cdiv(tl.cdiv(num_keys, NUM_SPLITS), TILE_N) * TILE_N
+    # Split-KV: this program takes one of num_splits equal, TILE_N-aligned slices of the keys.
+    per_split = tl.cdiv(tl.cdiv(num_keys, num_splits), TILE_N) * TILE_N
     key_lo = split * per_split
     key_hi = tl.minimum(num_keys, key_lo + per_split)
 
@@ -209,32 +214,33 @@ def _paged_attention_kernel(
             scale_log2, stride_c_blk, stride_c_slot, BLOCK_SIZE, TILE_N, DOT_PRECISION, True,
         )  # fmt: skip
 
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_i[:, None]
         tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
         # Unnormalised partials; an empty slice leaves (m, l, acc) = (-1e30, 0, 0), weight 0 at merge.
-        part = (tok * num_heads + head) * NUM_SPLITS + split  # [BLOCK_M]
+        part = (tok * num_heads + head) * num_splits + split  # [BLOCK_M]
         tl.store(partial_acc_ptr + part[:, None] * HEAD_DIM_P + d[None, :], acc, mask=row_valid[:, None])
         tl.store(partial_ml_ptr + part, m_i, mask=row_valid)
-        tl.store(partial_ml_ptr + num_tokens * num_heads * NUM_SPLITS + part, l_i, mask=row_valid)
+        tl.store(partial_ml_ptr + num_tokens * num_heads * num_splits + part, l_i, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "num_seqs", "num_splits"])
 def _merge_splits_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
-    partial_acc_ptr,  # [num_tokens, num_heads, NUM_SPLITS, HEAD_DIM_P] fp32
-    partial_ml_ptr,  # [2, num_tokens, num_heads, NUM_SPLITS] fp32
+    partial_acc_ptr,  # [num_tokens, num_heads, num_splits, HEAD_DIM_P] fp32
+    partial_ml_ptr,  # [2, num_tokens, num_heads, num_splits] fp32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     num_tokens,
     num_seqs,
     num_heads,
     stride_o_tok,
     stride_o_head,
+    num_splits,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    MAX_SPLITS_P: tl.constexpr,  # a power of two >= num_splits
 ):
     tok = tl.program_id(0)
     head = tl.program_id(1)
@@ -243,11 +249,15 @@ def _merge_splits_kernel(
     if tok >= tl.load(query_start_loc_ptr + num_seqs):  # bucket padding row
         tl.store(o_ptrs, tl.zeros([HEAD_DIM_P], out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
         return
-    part = (tok * num_heads + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)  # [NUM_SPLITS]
-    m = tl.load(partial_ml_ptr + part)
-    l_sum = tl.load(partial_ml_ptr + num_tokens * num_heads * NUM_SPLITS + part)
-    acc = tl.load(partial_acc_ptr + part[:, None] * HEAD_DIM_P + d[None, :])  # [NUM_SPLITS, HEAD_DIM_P]
-    weight = tl.exp2(m - tl.max(m, 0))  # [NUM_SPLITS]; split 0 always holds key 0, so max is finite
+    split = tl.arange(0, MAX_SPLITS_P)
+    used = split < num_splits  # [MAX_SPLITS_P]
+    part = (tok * num_heads + head) * num_splits + split  # [MAX_SPLITS_P]
+    m = tl.load(partial_ml_ptr + part, mask=used, other=-1.0e30)
+    l_sum = tl.load(partial_ml_ptr + num_tokens * num_heads * num_splits + part, mask=used, other=0.0)
+    acc = tl.load(partial_acc_ptr + part[:, None] * HEAD_DIM_P + d[None, :], mask=used[:, None],
+                  other=0.0)  # [MAX_SPLITS_P, HEAD_DIM_P]
+    # Split 0 always holds key 0, so the max is finite; unused splits get weight 0 (l and acc are 0).
+    weight = tl.exp2(m - tl.max(m, 0))  # [MAX_SPLITS_P]
     out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_sum * weight, 0)
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
@@ -305,10 +315,10 @@ def paged_attention_triton(
             out, *partials, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
             scale * _LOG2E, num_tokens, num_seqs, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), num_heads,
-            q_len_lo, q_len_hi,
+            q_len_lo, q_len_hi, splits,
             GROUP=group, BLOCK_Q=tiles.block_q, BLOCK_M=tiles.block_m, HEAD_DIM=head_dim,
             HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tiles.tile_n, DOT_PRECISION=precision,
-            NUM_SPLITS=splits, ZERO_PADDING=zero_padding, num_warps=tiles.num_warps,
+            SPLIT_KV=splits > 1, ZERO_PADDING=zero_padding, num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
         )  # fmt: skip
 
@@ -331,7 +341,8 @@ def paged_attention_triton(
     launch(narrow, 0, _NO_LIMIT, False, num_splits, (partial_acc, partial_ml))
     _merge_splits_kernel[(num_tokens, num_heads)](
         out, partial_acc, partial_ml, query_start_loc, num_tokens, num_seqs, num_heads,
-        out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, NUM_SPLITS=num_splits, num_warps=4,
+        out.stride(0), out.stride(1), num_splits,
+        HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, MAX_SPLITS_P=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
+        num_warps=4,
     )  # fmt: skip
     return out
