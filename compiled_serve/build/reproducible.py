@@ -36,6 +36,13 @@ def _normalize_entry(obj: Any) -> Any:
         state["runnable_graph_str"] = ""
     if isinstance(state.get("_fx_graph_cache_debug_lines"), list):
         state["_fx_graph_cache_debug_lines"] = []
+    # AOT entries keep the same debug lines nested: compiled_fw.fx_graph_cache_info = (key, lines).
+    info = state.get("fx_graph_cache_info")
+    if isinstance(info, tuple) and len(info) == 2 and isinstance(info[1], list):
+        state["fx_graph_cache_info"] = (info[0], [])
+    for name in ("compiled_fw", "compiled_bw"):
+        if state.get(name) is not None:
+            _normalize_entry(state[name])
     return obj
 
 

@@ -1,13 +1,16 @@
 """Batch buckets: the decode batch sizes that get a CUDA graph, and picking one for a step.
 
-The compiled step keeps its token dimension dynamic (dynamo `dynamic=True`), so Inductor never
-recompiles for a new batch size: a step of any size runs the one dynamic graph (dynamo
-specializes a size of 1 once, which is the decode-of-one graph). Buckets exist for CUDA graphs,
+The compiled step keeps its token dimension dynamic (dynamo `dynamic=True`, size-oblivious, see
+passes/pipeline.py), so Inductor never recompiles for a new batch size: a step of any size,
+one token included, runs the one dynamic graph. Buckets exist for CUDA graphs,
 which replay fixed shapes: a decode batch of n sequences is padded up to the smallest bucket
 >= n, and batches above the largest bucket run the dynamic graph without CUDA graphs.
 
-Default decode buckets follow vLLM/nano-vllm: 1, 2, 4, 8, then every multiple of 8 up to
-`max_num_seqs` (which is always a bucket itself).
+Default decode buckets follow vLLM/nano-vllm: 2, 4, 8, then every multiple of 8 up to
+`max_num_seqs` (which is always a bucket itself). No step runs with fewer than MIN_STEP_TOKENS
+tokens: dynamo specialises a size of 1 (and Inductor's view lowering guards on it), so a
+one-token step would compile, and keep, a whole second graph. A lone decode is padded to 2
+(its cost is the same: the step reads the same weights).
 """
 
 from __future__ import annotations
@@ -18,25 +21,29 @@ from collections.abc import Iterable, Sequence
 from compiled_serve.errors import InvalidParameterError
 
 BUCKET_STEP = 8
+MIN_STEP_TOKENS = 2
 
 
 def default_decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
-    """1, 2, 4, 8, 16, 24, ... up to and including `max_num_seqs`."""
+    """2, 4, 8, 16, 24, ... up to and including `max_num_seqs` (at least MIN_STEP_TOKENS)."""
     if max_num_seqs < 1:
         raise InvalidParameterError("max_num_seqs", f"must be >= 1, got {max_num_seqs}")
-    small = [b for b in (1, 2, 4) if b < max_num_seqs]
-    steps = list(range(BUCKET_STEP, max_num_seqs, BUCKET_STEP))
-    return tuple(small + steps + [max_num_seqs])
+    top = max(max_num_seqs, MIN_STEP_TOKENS)
+    small = [b for b in (2, 4) if b < top]
+    steps = list(range(BUCKET_STEP, top, BUCKET_STEP))
+    return tuple(small + steps + [top])
 
 
 def normalize_buckets(buckets: Iterable[int], max_num_seqs: int | None = None) -> tuple[int, ...]:
-    """Sorted, deduplicated, validated; entries above `max_num_seqs` are dropped (never used)."""
-    values = sorted(set(buckets))
+    """Sorted, deduplicated, validated, 1 raised to MIN_STEP_TOKENS; entries above `max_num_seqs`
+    are dropped (never used), except that a minimum-size bucket always stays."""
+    values = list(buckets)
     for b in values:
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise InvalidParameterError("cuda_graph_buckets", f"buckets must be positive ints, got {b!r}")
+    values = sorted({max(b, MIN_STEP_TOKENS) for b in values})
     if max_num_seqs is not None:
-        values = [b for b in values if b <= max_num_seqs]
+        values = [b for b in values if b <= max(max_num_seqs, MIN_STEP_TOKENS)]
     if not values:
         raise InvalidParameterError("cuda_graph_buckets", "no bucket at or below max_num_seqs")
     return tuple(values)

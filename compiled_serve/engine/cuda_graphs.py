@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from compiled_serve.engine.buckets import pick_bucket
+from compiled_serve.engine.buckets import normalize_buckets, pick_bucket
 from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
 
 logger = logging.getLogger("compiled_serve.engine")
@@ -79,7 +79,7 @@ class DecodeGraphs:
     ):
         self.step_fn = step_fn  # compiled forward(input_ids, positions) -> hidden [T, hidden]
         self.kv_caches = kv_caches
-        self.buckets = tuple(sorted(buckets))
+        self.buckets = normalize_buckets(buckets)  # never below MIN_STEP_TOKENS
         self.max_bucket = big = self.buckets[-1]
         self.max_blocks_per_seq = max_blocks_per_seq
         self.max_seq_len = max_seq_len

@@ -8,6 +8,8 @@ and only the last token of each sequence whose chunk completes it gets logits.
 Decode steps (every sequence adds exactly one token) whose batch fits a bucket replay a CUDA
 graph instead (`cuda_graphs.DecodeGraphs`), once `capture_decode_graphs` ran; everything else
 calls the compiled step, whose token dimension is dynamic, so no batch size ever recompiles.
+A step of one token is padded to MIN_STEP_TOKENS (see buckets.py): dynamo would compile a graph
+of its own for a token count of 1.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from compiled_serve.engine.buckets import MIN_STEP_TOKENS
 from compiled_serve.engine.cuda_graphs import DecodeGraphs
 from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
 from compiled_serve.engine.scheduler import SchedulerOutput
@@ -96,6 +99,11 @@ class ModelRunner:
         seq_lens: list[int], qsl: list[int], max_blocks: int,
     ) -> torch.Tensor:
         tables = [s.seq.block_ids + [0] * (max_blocks - len(s.seq.block_ids)) for s in sched.scheduled]
+        pad = max(0, MIN_STEP_TOKENS - len(input_ids))
+        if pad:
+            # Padding tokens belong to no sequence (they sit past query_start_loc[-1]): slot -1
+            # writes no cache entry and attention returns zeros for them; their rows are never read.
+            input_ids, positions, slots = input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad
         meta = AttentionMetadata(
             slot_mapping=self._to_device(slots, torch.int64),
             block_tables=self._to_device(tables, torch.int32),

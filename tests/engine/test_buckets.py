@@ -20,11 +20,11 @@ from compiled_serve.sampling_params import SamplingParams
 
 
 def test_default_decode_buckets() -> None:
-    assert default_decode_buckets(1) == (1,)
-    assert default_decode_buckets(3) == (1, 2, 3)
-    assert default_decode_buckets(8) == (1, 2, 4, 8)
-    assert default_decode_buckets(32) == (1, 2, 4, 8, 16, 24, 32)
-    assert default_decode_buckets(30) == (1, 2, 4, 8, 16, 24, 30)
+    assert default_decode_buckets(1) == (2,)  # a lone decode is padded: no one-token graph
+    assert default_decode_buckets(3) == (2, 3)
+    assert default_decode_buckets(8) == (2, 4, 8)
+    assert default_decode_buckets(32) == (2, 4, 8, 16, 24, 32)
+    assert default_decode_buckets(30) == (2, 4, 8, 16, 24, 30)
     assert default_decode_buckets(128)[-3:] == (112, 120, 128)
 
 
@@ -35,9 +35,10 @@ def test_pick_bucket_is_the_smallest_that_fits() -> None:
 
 
 def test_parse_and_normalize() -> None:
-    assert parse_buckets("8,1 4,2") == (1, 2, 4, 8)
-    assert normalize_buckets([4, 64, 1, 4], max_num_seqs=16) == (1, 4)
-    assert resolve_decode_buckets(None, 16) == (1, 2, 4, 8, 16)
+    assert parse_buckets("8,1 4,2") == (2, 4, 8)  # 1 is raised to the minimum step of 2
+    assert normalize_buckets([4, 64, 1, 4], max_num_seqs=16) == (2, 4)
+    assert resolve_decode_buckets(None, 16) == (2, 4, 8, 16)
+    assert resolve_decode_buckets((1,), 1) == (2,)
     assert resolve_decode_buckets((2, 4), 16) == (2, 4)
     with pytest.raises(InvalidParameterError):
         parse_buckets("1,two")
@@ -48,10 +49,10 @@ def test_parse_and_normalize() -> None:
 
 
 def test_no_recompile_across_batch_sizes(tmp_path: Path) -> None:
-    """Warm-up compiles the two graphs (one token, many tokens); nothing after it compiles again."""
+    """Warm-up compiles one graph, valid for one token and many; nothing after it compiles again."""
     engine = tiny_engine(tmp_path, max_num_batched_tokens=256)
     warm = engine.compile_report.num_graphs
-    assert warm == 2
+    assert warm == 1
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     for batch in (1, 2, 3, 5, 7, 11, 16, 23, 32):

