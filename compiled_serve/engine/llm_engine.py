@@ -6,6 +6,7 @@ Not thread-safe: one thread owns it (the offline `LLM` loop, or the server's eng
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,18 +28,26 @@ from compiled_serve.engine.kv_cache import (
 )
 from compiled_serve.engine.model_runner import ModelRunner
 from compiled_serve.engine.output_builder import build_request_output
-from compiled_serve.engine.sampler import SamplingBatch, SamplingRow, sample
 from compiled_serve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from compiled_serve.engine.sequence import Sequence, SequenceStatus
 from compiled_serve.engine.stats import EngineStats
+from compiled_serve.engine.step_sampler import TailInputs, TailRow, raw_logprobs, wrap_int64
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.models.loader import load_model
 from compiled_serve.outputs import RequestOutput
+from compiled_serve.passes.logits_tail_pipeline import (
+    EnginePasses,
+    compile_logits_tail,
+    logits_tail_pass_manager,
+)
 from compiled_serve.passes.pipeline import compile_model
 from compiled_serve.passes.registry import default_pass_manager
 from compiled_serve.sampling_params import SamplingParams
 
 logger = logging.getLogger("compiled_serve.engine")
+
+# Seeds of unseeded requests: drawn once per sequence, independent of any torch generator state.
+_SEED_SOURCE = random.SystemRandom()
 
 
 @dataclass
@@ -73,12 +82,17 @@ class LLMEngine:
         self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
         self.pass_manager = default_pass_manager(extra=list(config.extra_passes),
                                                  disabled=list(config.disabled_passes), device=self.device.type)
+        self.tail_pass_manager = logits_tail_pass_manager()
         self.build_key = engine_build_key(mc, self.weight_fingerprint, self.decode_buckets, self.dtype,
-                                          config.compile_mode, self.device, passes=self.pass_manager)
+                                          config.compile_mode, self.device,
+                                          passes=EnginePasses(self.pass_manager, self.tail_pass_manager))
         self.build_status: BuildStatus | None = None
         if config.build_dir is not None:
             self.build_status = load_build(config.build_dir, self.build_key)
         step_fn, self.compile_report = compile_model(self.model, mode=config.compile_mode, passes=self.pass_manager)
+        # The tail's rewritten graph is one fused_sample call: nothing for Inductor to generate, so
+        # it runs as is in every mode (no compile time, no extra build artifacts).
+        self.logits_tail, self.tail_report = compile_logits_tail("graph", self.tail_pass_manager)
         self.compile_seconds = 0.0
 
         block_size = config.block_size
@@ -154,6 +168,11 @@ class LLMEngine:
                 raise RuntimeError("KV cache too small for the warm-up step")
             self.runner.execute(SchedulerOutput([ScheduledSequence(seq, prompt_len)]))
             pool.free(seq)
+        # Both tail graphs (penalties off, on); one graph serves every batch size.
+        vocab = self.model_config.vocab_size
+        for params in (SamplingParams(), SamplingParams(repetition_penalty=1.1)):
+            row = TailRow(params, [0], [], seed=0)
+            self.logits_tail(torch.zeros(1, vocab, device=self.device), *TailInputs.build([row], vocab, self.device).args)
 
     # ------------------------------------------------------------- requests
     def tokenize(self, prompt: str) -> list[int]:
@@ -189,10 +208,9 @@ class LLMEngine:
         max_out = params.max_tokens if params.max_tokens is not None else room
         seqs = []
         for i in range(params.n):
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            seq = Sequence(request_id, i, ids, params, max_out, generator=gen)
+            # Sequence i of a seeded request draws from seed + i; others from a fresh 63-bit seed.
+            seed = wrap_int64(params.seed + i) if params.seed is not None else _SEED_SOURCE.getrandbits(63)
+            seq = Sequence(request_id, i, ids, params, max_out, seed=seed)
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
@@ -231,16 +249,17 @@ class LLMEngine:
         touched: dict[str, _Request] = {}
         if rows:
             seqs = [sched.scheduled[i].seq for i in rows]
-            batch = SamplingBatch.build([self._sampling_row(seq) for seq in seqs], logits.shape[-1], logits.device)
-            num_logprobs = max((seq.params.logprobs or 0) for seq in seqs)
-            out = sample(logits, batch, num_logprobs)
-            token_ids = out.token_ids.tolist()  # the step's one host sync
+            inputs = TailInputs.build([self._tail_row(seq) for seq in seqs], logits.shape[-1], logits.device)
+            sampled, _ = self.logits_tail(inputs.edit_logits(logits), *inputs.args)  # [N] each
+            token_ids = sampled.tolist()  # the step's one host sync
             want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
-            lp = out.logprobs.tolist() if want_logprobs else None
-            ranks = out.ranks.tolist() if want_logprobs and out.ranks is not None else None
-            top_ids = out.top_logprob_ids.tolist() if want_logprobs and out.top_logprob_ids is not None else None
-            top_vals = (out.top_logprob_values.tolist()
-                        if want_logprobs and out.top_logprob_values is not None else None)
+            lp = ranks = top_ids = top_vals = None
+            if want_logprobs:  # of the raw logits, before bias and suppression, as vLLM gives them
+                num_logprobs = max((seq.params.logprobs or 0) for seq in seqs)
+                out = raw_logprobs(logits, sampled, num_logprobs)
+                lp, ranks = out.logprobs.tolist(), out.ranks.tolist()
+                top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+                top_vals = out.top_values.tolist() if out.top_values is not None else None
             now = time.monotonic()
             for j, seq in enumerate(seqs):
                 if seq.params.logprobs is not None:
@@ -258,14 +277,13 @@ class LLMEngine:
                 del self._requests[req.request_id]
         return outputs
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _tail_row(self, seq: Sequence) -> TailRow:
         params = seq.params
         suppressed: list[int] = []
         if len(seq.output_token_ids) < params.min_tokens:
             suppressed = sorted(set(params.stop_token_ids or []) | (set() if params.ignore_eos else self._eos_ids))
-        return SamplingRow(params=params, prompt_token_ids=seq.prompt_token_ids,
-                           output_token_ids=seq.output_token_ids, generator=seq.generator,
-                           suppressed_token_ids=suppressed)
+        return TailRow(params=params, prompt_token_ids=seq.prompt_token_ids,
+                       output_token_ids=seq.output_token_ids, seed=seq.seed, suppressed_token_ids=suppressed)
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> None:
         seq.append_token(token)

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
-
     from compiled_serve.sampling_params import SamplingParams
 
 
@@ -36,7 +34,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_output_tokens: int  # max_tokens, capped by the context length
-    generator: torch.Generator | None = None
+    seed: int = 0  # signed int64 Philox key of this sequence's draws (offset = output length)
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

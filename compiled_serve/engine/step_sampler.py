@@ -1,0 +1,126 @@
+"""What `LLMEngine.step` samples with: the compiled tail's per-row tensors, the sparse logit edits,
+and the raw-distribution logprobs a request may ask for.
+
+Per step, for N sampled sequences:
+  - one host->device copy of every per-row scalar (temperature, top-k/p, min-p, greedy, penalty
+    factors as float32, then seeds and offsets as int64, packed into one byte buffer);
+  - penalties all given or all None (two tail graphs, not four): a penalty that no row uses is
+    passed as its exact no-op (repetition 1.0, frequency/presence 0.0);
+  - a row's randomness is Philox keyed by the sequence's seed, counter = its output length, so a
+    draw depends on nothing but the sequence itself (batch invariant, preemption safe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from compiled_serve.engine.sampler import _to_device, _token_counts
+from compiled_serve.sampling_params import SamplingParams
+
+_INT64 = 1 << 64
+
+
+def wrap_int64(value: int) -> int:
+    """`value` modulo 2^64 as a signed int64 (a seed of 2^63 - 1 plus a sample index wraps)."""
+    value %= _INT64
+    return value - _INT64 if value >= _INT64 // 2 else value
+
+
+@dataclass
+class TailRow:
+    """One sequence's view of the step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    seed: int  # signed int64, the Philox key
+    # eos + stop_token_ids while len(output_token_ids) < min_tokens: never sampled this step.
+    suppressed_token_ids: Sequence[int] = field(default_factory=list)
+
+
+class TailInputs(NamedTuple):
+    """`logits_tail`'s arguments after the logits, and the sparse edits applied before it."""
+
+    args: tuple[torch.Tensor | None, ...]  # temperature, top_k, top_p, min_p, seeds, offsets, greedy, penalties
+    bias_index: torch.Tensor | None  # [B] int64 flat indices row * V + token
+    bias_values: torch.Tensor | None  # [B] float32
+    suppress_index: torch.Tensor | None  # [S] int64 flat indices
+
+    @staticmethod
+    def build(rows: Sequence[TailRow], vocab_size: int, device: torch.device) -> TailInputs:
+        params = [row.params for row in rows]
+        n = len(rows)
+        floats = torch.tensor(
+            [
+                [p.temperature for p in params],
+                [float(p.top_k if p.top_k >= 1 else 0) for p in params],
+                [p.top_p for p in params],
+                [p.min_p for p in params],
+                [float(p.greedy) for p in params],
+                [p.repetition_penalty for p in params],
+                [p.frequency_penalty for p in params],
+                [p.presence_penalty for p in params],
+            ],
+            dtype=torch.float32,
+        ).reshape(8, n)
+        ints = torch.tensor(
+            [[row.seed for row in rows], [len(row.output_token_ids) for row in rows]], dtype=torch.int64
+        ).reshape(2, n)
+        # One copy: [8, N] float32 bytes then [2, N] int64 bytes (32N, a multiple of 8: aligned).
+        packed = _to_device(torch.cat([floats.view(-1).view(torch.uint8), ints.view(-1).view(torch.uint8)]), device)
+        split = floats.numel() * 4
+        f = packed[:split].view(torch.float32).view(8, n)
+        i = packed[split:].view(torch.int64).view(2, n)
+        args: tuple[torch.Tensor | None, ...] = (f[0], f[1].int(), f[2], f[3], i[0], i[1], f[4].bool())
+        if any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+               for p in params):  # fmt: skip
+            counts = _token_counts([row.output_token_ids for row in rows], vocab_size, device)  # [N, V]
+            if any(p.repetition_penalty != 1.0 for p in params):
+                seen = _token_counts([row.prompt_token_ids + row.output_token_ids for row in rows], vocab_size, device) > 0
+            else:
+                seen = counts > 0  # unread: every row's repetition penalty is 1.0
+            args += (f[5], seen, f[6], f[7], counts)
+        else:
+            args += (None,) * 5
+        bias = [(j, t, b) for j, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
+        suppress = [j * vocab_size + t for j, row in enumerate(rows) for t in row.suppressed_token_ids]
+        return TailInputs(
+            args,
+            _to_device(torch.tensor([j * vocab_size + t for j, t, _ in bias], dtype=torch.int64), device) if bias else None,
+            _to_device(torch.tensor([b for _, _, b in bias], dtype=torch.float32), device) if bias else None,
+            _to_device(torch.tensor(suppress, dtype=torch.int64), device) if suppress else None,
+        )  # fmt: skip
+
+    def edit_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """logit_bias, then min-tokens suppression, on a copy (the raw logits stay for logprobs)."""
+        if self.bias_index is None and self.suppress_index is None:
+            return logits
+        logits = logits.float().clone()  # [N, V]
+        # Flat index_add_/index_fill_: unlike advanced-index assignment they never sync with the host.
+        if self.bias_index is not None:
+            logits.view(-1).index_add_(0, self.bias_index, self.bias_values)
+        if self.suppress_index is not None:
+            logits.view(-1).index_fill_(0, self.suppress_index, float("-inf"))
+        return logits
+
+
+class RawLogprobs(NamedTuple):
+    logprobs: torch.Tensor  # [N] float32, the sampled token's logprob under the raw logits
+    ranks: torch.Tensor  # [N] int64, 1 = the raw distribution's most likely token
+    top_ids: torch.Tensor | None  # [N, k] int64, None when k == 0
+    top_values: torch.Tensor | None  # [N, k] float32
+
+
+def raw_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int) -> RawLogprobs:
+    """Logprobs of the unprocessed logits [N, V] (as vLLM returns them), for the sampled tokens [N]."""
+    raw = logits.float().log_softmax(dim=-1)  # [N, V]
+    token_logprobs = raw.gather(1, token_ids[:, None])  # [N, 1]
+    ranks = (raw > token_logprobs).sum(dim=-1) + 1  # [N]
+    top_ids = top_values = None
+    if num_logprobs > 0:
+        top_values, top_ids = raw.topk(num_logprobs, dim=-1)  # [N, k] each
+    return RawLogprobs(token_logprobs[:, 0], ranks, top_ids, top_values)
