@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = tl.constexpr(2**31 - 1)  # a global a @jit function reads must be a constexpr
 _SPLITS = 16  # threshold candidates tested per pass over the row
 
 

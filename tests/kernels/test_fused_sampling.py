@@ -338,7 +338,10 @@ def test_gpu_draws_are_batch_independent_and_top_k_one_is_greedy(cuda_device: st
     for i in (0, 7, 15):
         assert full[i] == fused_sample(logits[i : i + 1], *(t[i : i + 1] for t in settings))[0][0]
     top_k_one = (*settings[:1], torch.ones_like(settings[1]), *settings[2:6], torch.zeros_like(settings[6]))
-    assert torch.equal(fused_sample(logits, *top_k_one)[0], logits.float().argmax(dim=-1))
+    picked = fused_sample(logits, *top_k_one)[0]
+    # top_k = 1 keeps every token tied with the maximum (bf16 rows of 150k tokens tie often).
+    row_max = logits.float().amax(dim=-1)
+    assert torch.equal(logits.float().gather(1, picked[:, None])[:, 0], row_max)
 
 
 @pytest.mark.gpu
