@@ -29,7 +29,8 @@ CONTEXT = 512
 
 def engine_args(args: argparse.Namespace) -> list[str]:
     return ["--model", args.model, "--load-format", "dummy", "--max-num-seqs", str(args.max_num_seqs),
-            "--device", args.device, "--compile-mode", args.compile_mode, "--max-model-len", "4096"]
+            "--device", args.device, "--compile-mode", args.compile_mode, "--max-model-len", "4096",
+            *[f"--disable-pass={name}" for name in args.disable_pass]]
 
 
 def cold_compile(args: argparse.Namespace, build_dir: Path) -> dict:
@@ -65,9 +66,12 @@ def warm_child(args: argparse.Namespace) -> None:
     from compiled_serve.engine.llm_engine import LLMEngine
 
     config = EngineConfig(model=args.model, load_format="dummy", max_num_seqs=args.max_num_seqs, device=args.device,
-                          compile_mode=args.compile_mode, max_model_len=4096, build_dir=args.build_dir)
+                          compile_mode=args.compile_mode, max_model_len=4096, build_dir=args.build_dir,
+                          disabled_passes=tuple(args.disable_pass))
+    profiler = _profiler(args)
     engine = LLMEngine(config)
     ready = time.time() - t_process
+    _dump_profile(profiler, args, "warm_start")
     report = engine.startup_report()
     result: dict = {
         "process_start_to_ready_s": round(ready, 2), "load_seconds": round(engine.load_seconds, 2),
@@ -116,7 +120,41 @@ def warm_child(args: argparse.Namespace) -> None:
             row[name] = round((time.perf_counter() - t0) / args.iters * 1e3, 3)
         result["decode"][str(b)] = row
         print(f"bucket {b}: {row}", flush=True)
+        if b == 8 and args.profile:
+            profiler = _profiler(args)
+            with torch.inference_mode():
+                for _ in range(10):
+                    eager_step()
+                sync()
+            _dump_profile(profiler, args, "dynamic_step_x10_bucket8")
     print("BENCH_RESULT " + json.dumps(result), flush=True)
+
+
+def _profiler(args: argparse.Namespace):
+    if not args.profile:
+        return None
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    return profiler
+
+
+def _dump_profile(profiler, args: argparse.Namespace, name: str) -> None:
+    """Top functions by cumulative and by own time, to $OUT (or bench/results/logs)."""
+    if profiler is None:
+        return
+    import io
+    import pstats
+
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(40)
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "results" / "logs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"profile-{name}.txt").write_text(out.getvalue())
 
 
 def warm_start(args: argparse.Namespace, build_dir: Path) -> dict:
@@ -124,7 +162,8 @@ def warm_start(args: argparse.Namespace, build_dir: Path) -> dict:
            "BENCH_T0": repr(time.time())}
     proc = subprocess.run([sys.executable, __file__, "--child", "--build-dir", str(build_dir), "--model", args.model,
                            "--max-num-seqs", str(args.max_num_seqs), "--device", args.device, "--compile-mode",
-                           args.compile_mode, "--iters", str(args.iters)],
+                           args.compile_mode, "--iters", str(args.iters), *(["--profile"] if args.profile else []),
+                           *[f"--disable-pass={name}" for name in args.disable_pass]],
                           cwd=REPO, env=env, text=True, capture_output=True, timeout=args.timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -174,16 +213,21 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--timeout", type=int, default=400)
     parser.add_argument("--child", action="store_true")
+    parser.add_argument("--disable-pass", action="append", default=[], help="leave a graph pass out")
+    parser.add_argument("--tag", default="", help="suffix for the result file name")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the warm start and 10 graph-less decode steps at bucket 8")
     parser.add_argument("--build-dir")
     args = parser.parse_args()
     if args.child:
         return warm_child(args)
     build_dir = Path(tempfile.mkdtemp(prefix="bench-build-"))
     result = {"model": args.model, "max_num_seqs": args.max_num_seqs, "compile_mode": args.compile_mode,
+              "disabled_passes": args.disable_pass,
               "env": environment(args.device)}
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"compile_bench-{args.device}.json"
+    path = out_dir / f"compile_bench-{args.device}{args.tag}.json"
     result["cold"] = cold_compile(args, build_dir)
     path.write_text(json.dumps(result, indent=2))
     result["warm"] = warm_start(args, build_dir)

@@ -57,15 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let requests supply their own (sandboxed) chat template")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    from compiled_serve.build.command import add_compile_parser
+    from compiled_serve.build.command import add_compile_parser, add_pass_flags
 
+    add_pass_flags(serve)
     add_compile_parser(commands)
     return parser
 
 
 def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     engine = EngineConfig(**{name: getattr(args, name) for name in _ENGINE_FLAGS},
-                          enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
+                          enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                          extra_passes=tuple(args.extra_passes), disabled_passes=tuple(args.disabled_passes))
     server_args: dict[str, Any] = {name: getattr(args, name) for name in _SERVER_FLAGS}
     server_args["api_key"] = server_args["api_key"] or os.environ.get("COMPILED_SERVE_API_KEY") or None
     served = tuple(args.served_model_names) if args.served_model_names else None

@@ -1,6 +1,7 @@
 """The `compiled-serve compile` subcommand (the parser lives beside `serve` in cli.py).
 
-    compiled-serve compile --model M [--buckets 1,2,4,8] [--dtype D] --out DIR [--explain]
+    compiled-serve compile --model M [--buckets 2,4,8] [--dtype D] [--pass SPEC] [--disable-pass NAME]
+                           --out DIR [--explain]
     compiled-serve compile --model M ... --verify DIR      # recompile, compare manifests (CI)
 """
 
@@ -21,6 +22,14 @@ COMPILE_FLAGS: dict[str, type] = {
 }
 
 
+def add_pass_flags(parser: argparse.ArgumentParser) -> None:
+    """--pass / --disable-pass: EngineConfig.extra_passes / disabled_passes (serve and compile)."""
+    parser.add_argument("--pass", dest="extra_passes", action="append", default=[], metavar="SPEC",
+                        help="add a graph pass: a built-in name or 'pkg.module:PassClass' (repeatable)")
+    parser.add_argument("--disable-pass", dest="disabled_passes", action="append", default=[], metavar="NAME",
+                        help="leave a pass out by name (repeatable; paged-attention is required)")
+
+
 def add_compile_parser(commands: Any) -> None:
     parser = commands.add_parser("compile", help="prebuild and persist what a server needs (warm start)")
     defaults = EngineConfig.field_defaults()
@@ -28,8 +37,9 @@ def add_compile_parser(commands: Any) -> None:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=defaults[name],
                             help=f"(default: {defaults[name]!r})")
     parser.add_argument("--buckets", type=parse_buckets, default=None,
-                        help="decode batch buckets, e.g. 1,2,4,8 (default: 1,2,4,8,16,...,max_num_seqs)")
+                        help="decode batch buckets, e.g. 2,4,8 (default: 2,4,8,16,...,max_num_seqs)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    add_pass_flags(parser)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="build directory to save into")
     target.add_argument("--verify", metavar="DIR", help="recompile and compare with the build stored in DIR")
@@ -39,7 +49,8 @@ def add_compile_parser(commands: Any) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
     fields = {name: getattr(args, name) for name in COMPILE_FLAGS}
-    return EngineConfig(**fields, cuda_graph_buckets=args.buckets, enforce_eager=args.enforce_eager)
+    return EngineConfig(**fields, cuda_graph_buckets=args.buckets, enforce_eager=args.enforce_eager,
+                        extra_passes=tuple(args.extra_passes), disabled_passes=tuple(args.disabled_passes))
 
 
 def run_compile(args: argparse.Namespace) -> int:

@@ -124,3 +124,17 @@ def test_inductor_build_is_reproducible_and_warm_starts(tmp_path: Path, monkeypa
     report = json.loads((build.path / "artifacts" / "pass_report.json").read_bytes())
     assert len(report["graphs"]) == 1
     torch._dynamo.reset()
+
+
+def test_cli_pass_flags_reach_the_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--disable-pass leaves a pass out of the build key and report; an unknown name is refused."""
+    out = tmp_path / "builds"
+    assert main([*_cli_args(tmp_path), "--out", str(out), "--disable-pass", "noop-elimination"]) == 0
+    (build,) = ArtifactStore(out).list()
+    names = [name for name, _ in build.manifest.key.passes]
+    assert "noop-elimination" not in names and "paged-attention" in names
+    report = json.loads((build.path / "artifacts" / "pass_report.json").read_bytes())
+    assert all("noop-elimination" not in graph["matches"] for graph in report["graphs"])
+    capsys.readouterr()
+    assert main([*_cli_args(tmp_path), "--out", str(out), "--disable-pass", "no-such-pass"]) == 2
+    assert "cannot disable unknown pass" in capsys.readouterr().err
