@@ -31,9 +31,9 @@ class GraphPass:
     phase: str = "rewrite"
     #: A pass that must match at least once, or compilation fails (never serve unrewritten).
     required: bool = False
-    #: Device types the pass pays off on. The kernel-fusion passes swap ops that Inductor fuses on
-    #: its own for custom ops whose fast implementations are Triton (CUDA); on the CPU their
-    #: reference implementations are slower than Inductor's code (docs/perf-notes.md).
+    #: Device types the default pipeline runs the pass on; () = opt-in only (by name). The
+    #: kernel-fusion passes are opt-in: measured, Inductor's own fusion of the same ops is as fast
+    #: on CUDA and faster on the CPU (docs/perf-notes.md).
     devices: tuple[str, ...] = ("cpu", "cuda")
 
     def apply(self, gm: torch.fx.GraphModule) -> int:

@@ -46,15 +46,15 @@ def _compile_and_run(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 @pytest.fixture
-def inductor_caches_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def inductor_caches_on() -> Iterator[None]:
     """The local caches must be on for torch to record artifacts; other tests may turn them off."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "force_disable_caches", False)
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", True)
-    yield
+    # Config modules' own patch(): monkeypatch's undo leaves an entry torch then reports missing.
+    with inductor_config.patch(force_disable_caches=False, fx_graph_cache=True), \
+            functorch_config.patch(enable_autograd_cache=True):
+        yield
     torch._dynamo.reset()
 
 
