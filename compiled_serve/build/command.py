@@ -77,12 +77,14 @@ def run_compile(args: argparse.Namespace) -> int:
         print("build key:")
         print(json.dumps(result.key.to_dict(), indent=2))
         print("passes per graph:")
-        for i, graph in enumerate(json.loads(result.artifacts["pass_report.json"])["graphs"], 1):
-            print(f"  graph {i}: matches {graph['matches']}")
-            changed = {op: (graph["ops_before"].get(op, 0), n) for op, n in graph["ops_after"].items()
-                       if graph["ops_before"].get(op, 0) != n}
-            gone = {op: (n, 0) for op, n in graph["ops_before"].items() if op not in graph["ops_after"]}
-            print(f"    ops changed (before, after): {changed | gone}")
+        pass_report = json.loads(result.artifacts["pass_report.json"])
+        for kind, label in (("graphs", "model graph"), ("logits_tail_graphs", "logits-tail graph")):
+            for i, graph in enumerate(pass_report.get(kind, []), 1):
+                print(f"  {label} {i}: matches {graph['matches']}")
+                changed = {op: (graph["ops_before"].get(op, 0), n) for op, n in graph["ops_after"].items()
+                           if graph["ops_before"].get(op, 0) != n}
+                gone = {op: (n, 0) for op, n in graph["ops_before"].items() if op not in graph["ops_after"]}
+                print(f"    ops changed (before, after): {changed | gone}")
         print("log:")
         for line in result.log:
             print(f"  {line}")

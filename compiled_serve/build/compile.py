@@ -85,10 +85,16 @@ def fresh_inductor_cache(config: EngineConfig) -> Iterator[Path]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
-def pass_report(compile_report: Any) -> dict[str, Any]:
-    """The deterministic part of the compile report (no timings): ops and matches per graph."""
-    return {"graphs": [{k: g[k] for k in ("ops_before", "ops_after", "matches") if k in g}
-                       for g in compile_report.graphs]}
+def pass_report(compile_report: Any, tail_report: Any = None) -> dict[str, Any]:
+    """The deterministic part of the compile reports (no timings): ops and matches per graph, for
+    the model's graphs and the logits tail's."""
+    def graphs(report: Any) -> list[dict[str, Any]]:
+        return [{k: g[k] for k in ("ops_before", "ops_after", "matches") if k in g} for g in report.graphs]
+
+    result = {"graphs": graphs(compile_report)}
+    if tail_report is not None:
+        result["logits_tail_graphs"] = graphs(tail_report)
+    return result
 
 
 def build_artifacts(config: EngineConfig, progress: CompileProgress) -> tuple[Any, dict[str, bytes]]:
@@ -103,7 +109,7 @@ def build_artifacts(config: EngineConfig, progress: CompileProgress) -> tuple[An
         artifacts = capture_inductor_artifacts()
     if INDUCTOR_CACHE_ARTIFACT in artifacts:
         artifacts[INDUCTOR_CACHE_ARTIFACT] = normalize_cache_blob(artifacts[INDUCTOR_CACHE_ARTIFACT])
-    artifacts[PASS_REPORT_ARTIFACT] = canonical_json(pass_report(engine.compile_report))
+    artifacts[PASS_REPORT_ARTIFACT] = canonical_json(pass_report(engine.compile_report, engine.tail_report))
     return engine, artifacts
 
 

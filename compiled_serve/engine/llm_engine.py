@@ -156,7 +156,8 @@ class LLMEngine:
         return int(peak * 1.2)
 
     def _warmup(self) -> None:
-        """Compiles both graph shapes (many tokens, one token) before the first request.
+        """Compiles the step (one graph for every token count) and warms both launch paths (a
+        prefill chunk, a one-token decode) before the first request.
 
         The warm-up sequence takes its blocks from a throwaway pool over the same cache, so the
         engine's own pool and prefix-cache counters start untouched.

@@ -74,6 +74,8 @@ def test_cli_compile_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([*_cli_args(tmp_path), "--out", str(out), "--explain"]) == 0
     printed = capsys.readouterr().out
     assert "saved to" in printed and "build key:" in printed and "matches" in printed
+    # The logits tail's graphs are explained too: its chain became one fused_sample.
+    assert "logits-tail graph 1: matches" in printed and "'fused-sampling': 1" in printed
     assert main([*_cli_args(tmp_path), "--verify", str(out)]) == 0
     assert "verified" in capsys.readouterr().out
     assert main([*_cli_args(tmp_path), "--verify", str(tmp_path / "empty")]) == 2  # nothing to verify
