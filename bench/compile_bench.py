@@ -62,8 +62,8 @@ def warm_child(args: argparse.Namespace) -> None:
     from torch._dynamo.utils import counters
 
     from compiled_serve.config import EngineConfig
-    from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
     from compiled_serve.engine.llm_engine import LLMEngine
+    from compiled_serve.kernels.forward_context import AttentionMetadata, forward_context
 
     config = EngineConfig(model=args.model, load_format="dummy", max_num_seqs=args.max_num_seqs, device=args.device,
                           compile_mode=args.compile_mode, max_model_len=4096, build_dir=args.build_dir,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from compiled_serve.kernels.forward_context import in_forward_context
+
 
 def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
@@ -27,9 +29,7 @@ def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 @torch.library.custom_op("compiled_serve::causal_attention", mutates_args=())
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    from compiled_serve.engine import forward_context
-
-    if forward_context._current is not None:
+    if in_forward_context():
         # Inside an engine step every attention must be paged. Getting here means an unrewritten
         # graph (or eager code) ran, e.g. after a silent dynamo fallback: never serve that.
         raise RuntimeError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from compiled_serve.engine.forward_context import current_forward_context
+from compiled_serve.kernels.forward_context import current_forward_context
 
 
 def write_kv_reference(

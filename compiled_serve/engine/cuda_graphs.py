@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from compiled_serve.engine.buckets import normalize_buckets, pick_bucket
-from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
+from compiled_serve.kernels.forward_context import AttentionMetadata, forward_context
 
 logger = logging.getLogger("compiled_serve.engine")
 

@@ -20,8 +20,8 @@ import torch
 
 from compiled_serve.engine.buckets import MIN_STEP_TOKENS
 from compiled_serve.engine.cuda_graphs import DecodeGraphs
-from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
 from compiled_serve.engine.scheduler import SchedulerOutput
+from compiled_serve.kernels.forward_context import AttentionMetadata, forward_context
 
 
 class ModelRunner:

@@ -15,8 +15,8 @@ import torch
 from tiny_engine import tiny_engine
 
 from compiled_serve.engine.cuda_graphs import DecodeGraphs, pad_decode_inputs
-from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
 from compiled_serve.engine.llm_engine import LLMEngine
+from compiled_serve.kernels.forward_context import AttentionMetadata, forward_context
 from compiled_serve.sampling_params import SamplingParams
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -83,7 +83,7 @@ def op_count(gm: torch.fx.GraphModule, name: str) -> int:
 def fresh_cache_metadata(seq_tokens: list[int], num_blocks: int = 16, block_size: int = 4,
                          num_layers: int = LAYERS) -> Any:
     """Metadata for sequences prefilled from scratch into an empty cache, blocks laid out in order."""
-    from compiled_serve.engine.forward_context import AttentionMetadata
+    from compiled_serve.kernels.forward_context import AttentionMetadata
 
     caches = [torch.zeros(2, num_blocks, block_size, KV_HEADS, HEAD_DIM) for _ in range(num_layers)]
     slots, tables, qsl, nxt = [], [], [0], 0

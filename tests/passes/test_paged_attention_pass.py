@@ -9,8 +9,8 @@ from pass_testing import KV_HEADS as SHARED_KV_HEADS
 from pass_testing import fresh_cache_metadata
 
 import compiled_serve.kernels.causal_attention  # noqa: F401
-from compiled_serve.engine.forward_context import AttentionMetadata, forward_context
 from compiled_serve.errors import CompilationError
+from compiled_serve.kernels.forward_context import AttentionMetadata, forward_context
 from compiled_serve.passes.base import count_ops
 from compiled_serve.passes.paged_attention import PagedAttentionPass
 from compiled_serve.passes.pipeline import CompileReport, compile_model, make_backend

@@ -9,8 +9,8 @@ import pytest
 import torch
 from pass_testing import LAYERS, capture, fresh_cache_metadata, graph_inputs, tiny_model
 
-from compiled_serve.engine.forward_context import forward_context
 from compiled_serve.errors import CompilationError
+from compiled_serve.kernels.forward_context import forward_context
 from compiled_serve.passes.base import GraphPass
 from compiled_serve.passes.manager import PassManager, explain
 from compiled_serve.passes.registry import default_pass_manager

@@ -2,6 +2,9 @@
 
 The runner enters `forward_context(meta)` around each model call; the paged-attention op reads
 `current_forward_context()`. Nesting is refused: a step never runs inside another step.
+
+It lives in kernels/, the bottom layer, because the ops read it and the engine sets it: the
+engine imports it from here, and nothing here imports the engine.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ def forward_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
         yield meta
     finally:
         _current = None
+
+
+def in_forward_context() -> bool:
+    """True inside an engine step."""
+    return _current is not None
 
 
 def current_forward_context() -> AttentionMetadata:
