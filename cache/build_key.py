@@ -197,18 +197,23 @@ class BuildKey:
         weight_fingerprint: str,
         passes: Iterable[tuple[str, str]],
         buckets: Iterable[int],
-        dtype: str,
+        dtype: Any,
         compile_mode: str = "default",
-        device: str | None = None,
+        device: Any = None,
     ) -> BuildKey:
-        """A key for a build made here and now; the toolchain fields come from this process."""
-        tc = current_toolchain(device)
+        """A key for a build made here and now; the toolchain fields come from this process.
+
+        This is how the engine keys its build (`LLMEngine.build_key`): `model_config` is
+        `ModelConfig.to_dict()`, `passes` the pipeline's (name, uuid) pairs in order. `dtype`
+        may be a `torch.dtype` or its name ("bfloat16"), `device` a `torch.device` or a str.
+        """
+        tc = current_toolchain(None if device is None else str(device))
         return cls(
             model_config=model_config,
             weight_fingerprint=weight_fingerprint,
             passes=tuple(passes),
             buckets=tuple(buckets),
-            dtype=dtype,
+            dtype=str(dtype).removeprefix("torch."),
             device_capability=tc.device_capability,
             torch_version=tc.torch_version,
             triton_version=tc.triton_version,

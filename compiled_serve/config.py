@@ -13,6 +13,8 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _COMPILE_MODES = ("inductor", "graph")
+_SCHEDULING = ("async", "sync", "legacy")
+_BUILD_FALLBACKS = ("refuse", "compile")
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,17 @@ class EngineConfig:
     # enforce_eager turns them off. On CPU they are always off.
     cuda_graph_buckets: tuple[int, ...] | None = None
     enforce_eager: bool = False
-    # A directory of persisted builds (`compiled-serve compile --out DIR`): a matching build is
-    # loaded (verified first); a mismatched, partial or tampered one is refused with an error.
+    # The step loop. "async": the next step is scheduled and launched while the current one runs
+    # on the device (persistent batch, one host sync per step for the sampled ids); "sync": the
+    # same step path, each step finished before the next is scheduled; "legacy": the old
+    # per-step list-building path (kept as a switch until the new one is proven on every device).
+    scheduling: str = "async"
+    # A directory of persisted builds (`compiled-serve compile --build-dir DIR`): a matching build is
+    # loaded (verified first); a partial or tampered one is refused with an error. When no build
+    # matches, build_fallback decides: "refuse" (an error naming what differs: what CI wants) or
+    # "compile" (compile at start-up, the directory used as a cache).
     build_dir: str | None = None
+    build_fallback: str = "refuse"
 
     def __post_init__(self) -> None:
         checks = [
@@ -57,6 +67,7 @@ class EngineConfig:
             ("load_format", self.load_format in _LOAD_FORMATS, f"must be one of {_LOAD_FORMATS}"),
             ("device", self.device in _DEVICES, f"must be one of {_DEVICES}"),
             ("compile_mode", self.compile_mode in _COMPILE_MODES, f"must be one of {_COMPILE_MODES}"),
+            ("scheduling", self.scheduling in _SCHEDULING, f"must be one of {_SCHEDULING}"),
             ("block_size", self.block_size in (8, 16, 32, 64, 128), "must be a power of two in 8..128"),
             ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "must be in (0, 1]"),
             ("cpu_kv_cache_gib", self.cpu_kv_cache_gib > 0, "must be > 0"),
@@ -70,6 +81,9 @@ class EngineConfig:
                 len(self.cuda_graph_buckets) > 0
                 and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.cuda_graph_buckets)),
              "must be a non-empty list of positive ints"),
+            ("build_fallback", self.build_fallback in _BUILD_FALLBACKS, f"must be one of {_BUILD_FALLBACKS}"),
+            ("build_fallback", self.build_fallback == "refuse" or self.build_dir is not None,
+             "only applies with build_dir"),
         ]
         for name, ok, message in checks:
             if not ok:

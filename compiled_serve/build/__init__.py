@@ -1,9 +1,9 @@
-"""Persisted compiled builds: the build key of an engine, loading a build at start-up, and the
-`compiled-serve compile` command that produces builds (see `compiled_serve.build.compile`)."""
+"""Persisted compiled builds: loading a build at start-up, and the `compiled-serve compile`
+command that produces builds (see `compiled_serve.build.compile`). The build key and the store
+live one layer down, in `compiled_serve.cache`."""
 
 from __future__ import annotations
 
-from compiled_serve.build.key import engine_build_key
-from compiled_serve.build.loading import BuildRefusedError, BuildStatus, load_build
+from compiled_serve.build.loading import BuildMismatchError, BuildRefusedError, BuildStatus, load_build
 
-__all__ = ["BuildRefusedError", "BuildStatus", "engine_build_key", "load_build"]
+__all__ = ["BuildMismatchError", "BuildRefusedError", "BuildStatus", "load_build"]

@@ -1,7 +1,7 @@
 """The `compiled-serve compile` subcommand (the parser lives beside `serve` in cli.py).
 
     compiled-serve compile --model M [--buckets 2,4,8] [--dtype D] [--pass SPEC] [--disable-pass NAME]
-                           --out DIR [--explain]
+                           --build-dir DIR [--explain]    # --out DIR is an alias
     compiled-serve compile --model M ... --verify DIR      # recompile, compare manifests (CI)
 """
 
@@ -41,7 +41,8 @@ def add_compile_parser(commands: Any) -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     add_pass_flags(parser)
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--out", help="build directory to save into")
+    target.add_argument("--build-dir", "--out", dest="build_dir", metavar="DIR",
+                        help="build directory to save into (what `serve --build-dir` reads; --out is an alias)")
     target.add_argument("--verify", metavar="DIR", help="recompile and compare with the build stored in DIR")
     parser.add_argument("--explain", action="store_true", help="print the build key, pass report and log")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -66,7 +67,7 @@ def run_compile(args: argparse.Namespace) -> int:
         for line in differences:
             print(f"  {line}")
         return 1
-    result = compile_build(config, args.out, show_progress=args.progress)
+    result = compile_build(config, args.build_dir, show_progress=args.progress)
     report = result.report
     print(f"compiled-serve: build {result.key.digest()[:12]} saved to {result.path}")
     print(f"  manifest {result.manifest_hash[:12]}, {len(result.artifacts)} artifacts, "

@@ -4,10 +4,13 @@ Policy, since the user asked for a build directory explicitly:
 - a build for exactly this key that verifies (every file's sha256 against the manifest, checked
   by `ArtifactStore.load` before anything is unpickled) is installed into torch's compile caches,
   so the following compile is a warm start: "build <digest> loaded: N artifacts";
-- no build for this key (an empty dir, or builds of other inputs) is a miss, not an error: the
-  engine compiles cold and says why, "no matching build: dtype differs (bfloat16 vs float16)";
-- a build for this key that is partial, tampered or whose manifest holds another key is refused:
-  `BuildRefusedError`, and the engine does not start (serving a build we cannot trust, or
+- no build for this key (an empty dir, or builds of other inputs) is refused by default:
+  `BuildMismatchError` naming what differs from the closest stored build ("dtype differs
+  (bfloat16 vs float16)"), so a CI job or a deployment never silently pays a cold compile.
+  With `fallback="compile"` (`EngineConfig.build_fallback`, `serve --build-fallback compile`:
+  the directory is used as a cache) the engine compiles cold instead and says why;
+- a build for this key that is partial, tampered or whose manifest holds another key is always
+  refused: `BuildRefusedError`, and the engine does not start (serving a build we cannot trust, or
   silently recompiling over it, would both hide a broken deployment).
 """
 
@@ -35,6 +38,10 @@ class BuildRefusedError(CompiledServeError):
     """A build exists for this engine's key but cannot be trusted; it was not loaded."""
 
 
+class BuildMismatchError(BuildRefusedError):
+    """No build in the directory matches this engine's key (and no fallback was asked for)."""
+
+
 @dataclass
 class BuildStatus:
     loaded: bool
@@ -44,8 +51,11 @@ class BuildStatus:
     installed: dict[str, list[str]] = field(default_factory=dict)
 
 
-def load_build(build_dir: str | Path, key: BuildKey) -> BuildStatus:
-    """Verify and install the build of `key` from `build_dir`; see the module docstring."""
+def load_build(build_dir: str | Path, key: BuildKey, fallback: str = "refuse") -> BuildStatus:
+    """Verify and install the build of `key` from `build_dir`; see the module docstring.
+
+    `fallback` is what a miss does: "refuse" raises `BuildMismatchError`, "compile" returns a
+    not-loaded status so the engine compiles cold."""
     store = ArtifactStore(build_dir)
     digest = key.digest()
     try:
@@ -57,6 +67,12 @@ def load_build(build_dir: str | Path, key: BuildKey) -> BuildStatus:
     if build is None:
         differences = store.explain_miss(key)
         why = "; ".join(differences) if differences else f"{build_dir} has no builds"
+        if fallback != "compile":
+            closest = f"closest stored build vs requested: {why}" if differences else why
+            raise BuildMismatchError(
+                f"no build in {build_dir} matches this engine ({closest}); run "
+                f"`compiled-serve compile --build-dir {build_dir}` with the same settings, or pass "
+                "--build-fallback compile (EngineConfig.build_fallback='compile') to compile at start-up instead")
         logger.warning("no matching build in %s (%s): compiling from scratch", build_dir, why)
         return BuildStatus(False, f"no matching build: {why}")
     blob = build.artifacts.get(INDUCTOR_CACHE_ARTIFACT)

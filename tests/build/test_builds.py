@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 from tiny_engine import tiny_config_path, tiny_engine
 
-from compiled_serve.build import BuildRefusedError
+from compiled_serve.build import BuildMismatchError, BuildRefusedError
 from compiled_serve.build.compile import compile_build
 from compiled_serve.cache import ArtifactStore
-from compiled_serve.cli import main
+from compiled_serve.cli import _configs, build_parser, main
 from compiled_serve.config import EngineConfig
+from compiled_serve.errors import InvalidParameterError
+from compiled_serve.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,11 +50,46 @@ def test_compile_then_load(tmp_path: Path) -> None:
     assert engine.startup_report()["build"] == f"build {result.key.digest()[:12]} loaded: 1 artifacts"
 
 
-def test_mismatched_build_is_reported_not_loaded(tmp_path: Path) -> None:
+def test_mismatched_build_is_refused_by_default(tmp_path: Path) -> None:
+    """What CI wants: a build dir that holds no build for these settings stops the engine, and the
+    error names what differs (stored vs requested) and both ways out."""
     compile_build(_config(tmp_path), tmp_path / "builds", show_progress=False)
-    engine = tiny_engine(tmp_path, num_kv_blocks=64, max_num_seqs=16, build_dir=str(tmp_path / "builds"))
+    with pytest.raises(BuildMismatchError) as info:
+        tiny_engine(tmp_path, num_kv_blocks=64, max_num_seqs=16, build_dir=str(tmp_path / "builds"))
+    message = str(info.value)
+    assert "buckets differs ((2, 4, 8) vs (2, 4, 8, 16))" in message
+    assert "compiled-serve compile --build-dir" in message and "--build-fallback compile" in message
+    with pytest.raises(BuildMismatchError, match="has no builds"):
+        tiny_engine(tmp_path, num_kv_blocks=64, max_num_seqs=8, build_dir=str(tmp_path / "empty"))
+
+
+def test_mismatched_build_compiles_with_fallback(tmp_path: Path) -> None:
+    """What a cache wants: build_fallback="compile" starts cold and reports why."""
+    compile_build(_config(tmp_path), tmp_path / "builds", show_progress=False)
+    engine = tiny_engine(tmp_path, num_kv_blocks=64, max_num_seqs=16, build_dir=str(tmp_path / "builds"),
+                         build_fallback="compile")
     assert not engine.build_status.loaded
     assert engine.startup_report()["build"] == "no matching build: buckets differs ((2, 4, 8) vs (2, 4, 8, 16))"
+    engine.add_request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert len(outputs[-1].outputs[0].token_ids) == 3  # the cold-compiled engine serves
+
+
+def test_build_fallback_needs_a_build_dir() -> None:
+    with pytest.raises(InvalidParameterError, match="build_fallback.*only applies with build_dir"):
+        EngineConfig(build_fallback="compile")
+    with pytest.raises(InvalidParameterError, match="build_fallback"):
+        EngineConfig(build_dir="builds", build_fallback="maybe")
+
+
+def test_serve_build_flags_reach_the_engine_config() -> None:
+    args = build_parser().parse_args(["serve", "--build-dir", "b", "--build-fallback", "compile"])
+    engine, _ = _configs(args)
+    assert (engine.build_dir, engine.build_fallback) == ("b", "compile")
+    engine, _ = _configs(build_parser().parse_args(["serve", "--build-dir", "b"]))
+    assert engine.build_fallback == "refuse"
 
 
 @pytest.mark.parametrize("damage", ["tamper", "truncate", "remove"])
@@ -71,7 +108,7 @@ def test_damaged_build_is_refused(tmp_path: Path, damage: str) -> None:
 
 def test_cli_compile_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "builds"
-    assert main([*_cli_args(tmp_path), "--out", str(out), "--explain"]) == 0
+    assert main([*_cli_args(tmp_path), "--build-dir", str(out), "--explain"]) == 0
     printed = capsys.readouterr().out
     assert "saved to" in printed and "build key:" in printed and "matches" in printed
     # The logits tail's graphs are explained too: its chain became one fused_sample.
@@ -79,6 +116,9 @@ def test_cli_compile_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([*_cli_args(tmp_path), "--verify", str(out)]) == 0
     assert "verified" in capsys.readouterr().out
     assert main([*_cli_args(tmp_path), "--verify", str(tmp_path / "empty")]) == 2  # nothing to verify
+    # --out is the old name of --build-dir: the same build, kept.
+    assert main([*_cli_args(tmp_path), "--out", str(out)]) == 0
+    assert len(ArtifactStore(out).list()) == 1
 
 
 def _compile_in_subprocess(tmp_path: Path, out: Path, mode: str) -> subprocess.Popen:
