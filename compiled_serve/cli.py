@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pass_flags(serve)
     add_compile_parser(commands)
+    from compiled_serve.bench.cli import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
@@ -121,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from compiled_serve.build.command import run_compile
 
             return run_compile(args)
+        if args.command == "bench":
+            from compiled_serve.bench.cli import run_bench
+
+            return run_bench(args)
     except CompiledServeError as exc:
         print(f"compiled-serve: error: {exc}", file=sys.stderr)
         return 2
