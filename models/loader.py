@@ -5,6 +5,7 @@
     "dir/"            Hugging Face directory: config.json + safetensors
     "org/name"        Hugging Face hub repo id (snapshot into the local cache; HF_HUB_OFFLINE works)
     load_format="dummy": random weights for a preset name, config.json or model directory
+    tokenizer="dir" or "org/name": that tokenizer instead of the model's own (any format)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import compiled_serve.models.loaders.safetensors_dir  # noqa: F401
 from compiled_serve.errors import ModelLoadError
 from compiled_serve.models.default_model import default_model_path
 from compiled_serve.models.loaders.base import LoadedModel, LoadRequest, WeightFormat, registered_formats
+from compiled_serve.models.loaders.tokenizer_override import load_tokenizer, with_tokenizer
 
 __all__ = ["LoadedModel", "load_model", "pick_format"]
 
@@ -45,8 +47,12 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     seed: int = 0,
+    tokenizer: str | None = None,
 ) -> LoadedModel:
     if model is None:
         model = "smollm2-135m" if load_format == "dummy" else default_model_path()
     fmt = pick_format(model, load_format)
-    return fmt.load(LoadRequest(model=model, dtype=dtype, device=torch.device(device), seed=seed))
+    # The tokenizer first: a bad tokenizer spec fails before a long weight load.
+    override = None if tokenizer is None else load_tokenizer(tokenizer)
+    loaded = fmt.load(LoadRequest(model=model, dtype=dtype, device=torch.device(device), seed=seed))
+    return loaded if tokenizer is None else with_tokenizer(loaded, override, tokenizer)

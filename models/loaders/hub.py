@@ -12,20 +12,22 @@ from compiled_serve.models.loaders.base import LoadedModel, LoadRequest, WeightF
 from compiled_serve.models.loaders.safetensors_dir import load_safetensors_dir
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Everything a safetensors snapshot needs, and nothing else (no .bin / .pth / .gguf duplicates).
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+# What a tokenizer needs (tokenizer.json / vocab files, special-token maps, chat templates), and
+# everything a safetensors snapshot needs: those plus the weights (no .bin / .pth / .gguf duplicates).
+TOKENIZER_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+ALLOW_PATTERNS = [*TOKENIZER_PATTERNS, "*.safetensors"]
 
 
 def looks_like_repo_id(model: str) -> bool:
     return not os.path.exists(model) and bool(_REPO_ID.match(model))
 
 
-def download_snapshot(repo_id: str) -> str:
+def download_snapshot(repo_id: str, allow_patterns: list[str] = ALLOW_PATTERNS) -> str:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS)
+        return snapshot_download(repo_id, allow_patterns=allow_patterns)
     except LocalEntryNotFoundError as e:
         hint = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
         raise ModelLoadError(

