@@ -14,10 +14,53 @@ from dataclasses import dataclass
 
 from compiled_serve.errors import InvalidParameterError
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_MAX_TEMPERATURE = 100.0
-_MAX_ABS_LOGIT_BIAS = 100.0
-_MAX_ABS_PRESENCE_FREQUENCY = 2.0
+
+def _number_text(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The one statement of a numeric limit: `SamplingParams` enforces it, and the HTTP protocol
+    models publish the same numbers in their OpenAPI schema (`pydantic_kwargs`).
+
+    [low, high], or (low, high] with `low_open`; `high` None means no upper limit."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        low = _number_text(self.low)
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {_number_text(self.high)}]"
+
+    def pydantic_kwargs(self) -> dict[str, float]:
+        kwargs = {"gt" if self.low_open else "ge": self.low}
+        if self.high is not None:
+            kwargs["le"] = self.high
+        return kwargs
+
+
+N_BOUNDS = Bounds(1)
+TEMPERATURE_BOUNDS = Bounds(0.0, 100.0)
+TOP_P_BOUNDS = Bounds(0.0, 1.0, low_open=True)
+TOP_K_BOUNDS = Bounds(-1, 2**31 - 1)  # 0 or -1 = disabled
+MIN_P_BOUNDS = Bounds(0.0, 1.0)
+REPETITION_PENALTY_BOUNDS = Bounds(0.0, 10.0, low_open=True)
+PRESENCE_PENALTY_BOUNDS = FREQUENCY_PENALTY_BOUNDS = Bounds(-2.0, 2.0)
+LOGIT_BIAS_BOUNDS = Bounds(-100.0, 100.0)
+SEED_BOUNDS = Bounds(-(2**63), 2**63 - 1)
+MAX_TOKENS_BOUNDS = Bounds(1)
+MIN_TOKENS_BOUNDS = Bounds(0)
+LOGPROBS_BOUNDS = Bounds(0)
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
 # Below this a temperature only overflows the logits; such rows take the argmax instead.
 GREEDY_TEMPERATURE = 1e-5
 _INT_STRING = re.compile(r"[+-]?\d+")
@@ -31,25 +74,24 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: object, *, minimum: int | None = None, optional: bool = False) -> None:
+def _check_int(name: str, value: object, bounds: Bounds, *, optional: bool = False) -> None:
     if value is None and optional:
         return
     if not _is_int(value):
         raise InvalidParameterError(name, f"must be an integer, got {value!r} ({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise InvalidParameterError(name, f"must be >= {minimum}, got {value!r}")
+    if not bounds.contains(value):
+        raise InvalidParameterError(name, f"must be {bounds.describe()}, got {value!r}")
 
 
-def _check_float(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> float:
-    """Checks a finite real in [low, high] (or (low, high] when low_open); returns it as float."""
+def _check_float(name: str, value: object, bounds: Bounds) -> float:
+    """Checks a finite real within `bounds`; returns it as float."""
     if not _is_number(value):
         raise InvalidParameterError(name, f"must be a number, got {value!r} ({type(value).__name__})")
     value = float(value)
     if not math.isfinite(value):
         raise InvalidParameterError(name, f"must be finite, got {value!r}")
-    if value < low or (low_open and value == low) or value > high:
-        bracket = "(" if low_open else "["
-        raise InvalidParameterError(name, f"must be in {bracket}{low:g}, {high:g}], got {value!r}")
+    if not bounds.contains(value):
+        raise InvalidParameterError(name, f"must be {bounds.describe()}, got {value!r}")
     return value
 
 
@@ -93,32 +135,28 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        _check_int("n", self.n, minimum=1)
-        self.temperature = _check_float("temperature", self.temperature, 0.0, _MAX_TEMPERATURE)
-        self.top_p = _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _check_int("top_k", self.top_k, minimum=-1)
-        self.min_p = _check_float("min_p", self.min_p, 0.0, 1.0)
-        self.repetition_penalty = _check_float(
-            "repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True
-        )
-        bound = _MAX_ABS_PRESENCE_FREQUENCY
-        self.presence_penalty = _check_float("presence_penalty", self.presence_penalty, -bound, bound)
-        self.frequency_penalty = _check_float("frequency_penalty", self.frequency_penalty, -bound, bound)
+        _check_int("n", self.n, N_BOUNDS)
+        self.temperature = _check_float("temperature", self.temperature, TEMPERATURE_BOUNDS)
+        self.top_p = _check_float("top_p", self.top_p, TOP_P_BOUNDS)
+        _check_int("top_k", self.top_k, TOP_K_BOUNDS)
+        self.min_p = _check_float("min_p", self.min_p, MIN_P_BOUNDS)
+        self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty,
+                                               REPETITION_PENALTY_BOUNDS)
+        self.presence_penalty = _check_float("presence_penalty", self.presence_penalty, PRESENCE_PENALTY_BOUNDS)
+        self.frequency_penalty = _check_float("frequency_penalty", self.frequency_penalty, FREQUENCY_PENALTY_BOUNDS)
         self.logit_bias = self._normalized_logit_bias()
-        _check_int("seed", self.seed, minimum=_INT64_MIN, optional=True)
-        if self.seed is not None and self.seed > _INT64_MAX:
-            raise InvalidParameterError("seed", f"must fit in a signed 64-bit integer, got {self.seed}")
+        _check_int("seed", self.seed, SEED_BOUNDS, optional=True)
         self.stop = self._normalized_stop()
         self.stop_token_ids = self._normalized_stop_token_ids()
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check_bool(name, getattr(self, name))
-        _check_int("max_tokens", self.max_tokens, minimum=1, optional=True)
-        _check_int("min_tokens", self.min_tokens, minimum=0)
+        _check_int("max_tokens", self.max_tokens, MAX_TOKENS_BOUNDS, optional=True)
+        _check_int("min_tokens", self.min_tokens, MIN_TOKENS_BOUNDS)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidParameterError(
                 "min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
             )
-        _check_int("logprobs", self.logprobs, minimum=0, optional=True)
+        _check_int("logprobs", self.logprobs, LOGPROBS_BOUNDS, optional=True)
 
     def _normalized_logit_bias(self) -> dict[int, float] | None:
         if self.logit_bias is None:
@@ -128,8 +166,7 @@ class SamplingParams:
         bias: dict[int, float] = {}
         for key, value in self.logit_bias.items():
             token_id = _token_id("logit_bias", key)
-            limit = _MAX_ABS_LOGIT_BIAS
-            bias[token_id] = _check_float(f"logit_bias[{token_id}]", value, -limit, limit)
+            bias[token_id] = _check_float(f"logit_bias[{token_id}]", value, LOGIT_BIAS_BOUNDS)
         return bias
 
     def _normalized_stop(self) -> list[str]:
@@ -154,7 +191,7 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple)):
             raise InvalidParameterError("stop_token_ids", f"must be a list of token ids, got {ids!r}")
         for token_id in ids:
-            _check_int("stop_token_ids", token_id, minimum=0)
+            _check_int("stop_token_ids", token_id, Bounds(0))
         return list(ids)
 
     def validate_for_model(
@@ -162,8 +199,8 @@ class SamplingParams:
         vocab_size: int,
         max_logprobs: int,
         max_n: int,
-        max_stop_strings: int = 16,
-        max_stop_len: int = 256,
+        max_stop_strings: int = MAX_STOP_STRINGS,
+        max_stop_len: int = MAX_STOP_STRING_CHARS,
     ) -> None:
         """Checks the limits that depend on the model and the engine's caps."""
         for token_id in self.logit_bias or ():
@@ -196,7 +233,3 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when sampling reduces to the argmax (temperature 0, or top_k 1)."""
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
-
-    @property
-    def top_k_enabled(self) -> bool:
-        return self.top_k >= 1

@@ -1,8 +1,10 @@
 """OpenAI-compatible request bodies.
 
 Every field is bounded, so the published OpenAPI schema describes what the server accepts
-(schemathesis generates from it). Static bounds here are the outer limits; the engine's
-configured caps (max_n, max_logprobs, max_model_len, vocabulary) are checked per request.
+(schemathesis generates from it). A sampling field's range is the one `SamplingParams` enforces
+(its `*_BOUNDS` constants are the single source of truth); the HTTP-only caps here (MAX_N,
+MAX_LOGPROBS, prompt sizes) are outer limits, and the engine's configured caps (max_n,
+max_logprobs, max_model_len, vocabulary) are checked per request.
 Unknown fields are rejected rather than silently ignored; NaN and Inf never validate; types
 are strict (no "1" -> 1, no true -> 1).
 """
@@ -13,12 +15,29 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compiled_serve.sampling_params import (
+    FREQUENCY_PENALTY_BOUNDS,
+    LOGIT_BIAS_BOUNDS,
+    LOGPROBS_BOUNDS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOKENS_BOUNDS,
+    MIN_P_BOUNDS,
+    MIN_TOKENS_BOUNDS,
+    N_BOUNDS,
+    PRESENCE_PENALTY_BOUNDS,
+    REPETITION_PENALTY_BOUNDS,
+    SEED_BOUNDS,
+    TEMPERATURE_BOUNDS,
+    TOP_K_BOUNDS,
+    TOP_P_BOUNDS,
+    Bounds,
+)
+
 MAX_PROMPT_CHARS = 1_000_000
 MAX_BATCH_PROMPTS = 64
 MAX_PROMPT_TOKENS = 131_072
 MAX_TOKEN_ID = 2**31 - 1
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 1024
 MAX_N = 128
@@ -32,6 +51,11 @@ PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 ModelName = Annotated[str, Field(max_length=256)]
+
+
+def within(bounds: Bounds, **http_caps: int) -> Any:
+    """A pydantic Field for `bounds` (SamplingParams' limit), plus HTTP-only caps such as le=MAX_N."""
+    return Field(**(bounds.pydantic_kwargs() | http_caps))
 
 
 class StrictModel(BaseModel):
@@ -62,27 +86,27 @@ class SamplingFields(StrictModel):
     """Fields shared by completions and chat completions (OpenAI + vLLM-style extras)."""
 
     model: ModelName | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
-    max_tokens: Annotated[int, Field(ge=1, le=MAX_PROMPT_TOKENS)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]],
+    n: Annotated[int, within(N_BOUNDS, le=MAX_N)] = 1
+    best_of: Annotated[int, within(N_BOUNDS, le=MAX_N)] | None = None
+    max_tokens: Annotated[int, within(MAX_TOKENS_BOUNDS, le=MAX_PROMPT_TOKENS)] | None = None
+    temperature: Annotated[float, within(TEMPERATURE_BOUNDS)] | None = None
+    top_p: Annotated[float, within(TOP_P_BOUNDS)] | None = None
+    presence_penalty: Annotated[float, within(PRESENCE_PENALTY_BOUNDS)] | None = None
+    frequency_penalty: Annotated[float, within(FREQUENCY_PENALTY_BOUNDS)] | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, within(LOGIT_BIAS_BOUNDS)]],
                           Field(max_length=MAX_LOGIT_BIAS)] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    seed: Annotated[int, within(SEED_BOUNDS)] | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     # Extras (vLLM names).
-    top_k: Annotated[int, Field(ge=-1, le=MAX_TOKEN_ID)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    top_k: Annotated[int, within(TOP_K_BOUNDS)] | None = None
+    min_p: Annotated[float, within(MIN_P_BOUNDS)] | None = None
+    repetition_penalty: Annotated[float, within(REPETITION_PENALTY_BOUNDS)] | None = None
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
-    min_tokens: Annotated[int, Field(ge=0, le=MAX_PROMPT_TOKENS)] = 0
+    min_tokens: Annotated[int, within(MIN_TOKENS_BOUNDS, le=MAX_PROMPT_TOKENS)] = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # Structured output: validated at request time (see structured.py).
@@ -117,7 +141,7 @@ class CompletionRequest(SamplingFields):
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)] | \
         TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)]
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: Annotated[int, within(LOGPROBS_BOUNDS, le=MAX_LOGPROBS)] | None = None
     suffix: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
 
 
@@ -158,8 +182,8 @@ class ChatTemplateFields(StrictModel):
 
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_PROMPT_TOKENS)] | None = None
+    top_logprobs: Annotated[int, within(LOGPROBS_BOUNDS, le=MAX_LOGPROBS)] | None = None
+    max_completion_tokens: Annotated[int, within(MAX_TOKENS_BOUNDS, le=MAX_PROMPT_TOKENS)] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:

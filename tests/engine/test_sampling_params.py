@@ -60,7 +60,7 @@ NAN, INF = math.nan, math.inf
         # Out of range.
         ("temperature", -0.1), ("temperature", 100.5), ("top_p", 0.0), ("top_p", 1.01), ("top_p", -1),
         ("top_k", -2), ("min_p", -0.01), ("min_p", 1.5), ("repetition_penalty", 0.0),
-        ("repetition_penalty", -1.0), ("presence_penalty", 2.5), ("frequency_penalty", -2.01),
+        ("repetition_penalty", -1.0), ("repetition_penalty", 10.5), ("top_k", 2**31), ("presence_penalty", 2.5), ("frequency_penalty", -2.01),
         ("n", 0), ("max_tokens", 0), ("min_tokens", -1), ("logprobs", -1), ("seed", 2**63),
         ("seed", -(2**63) - 1), ("stop", [""]), ("stop", ""), ("stop_token_ids", [-1]),
     ],
@@ -106,7 +106,7 @@ def test_range_edges_accepted():
     SamplingParams(temperature=0.0, top_p=1.0, top_k=-1, min_p=1.0, presence_penalty=-2.0,
                    frequency_penalty=2.0, repetition_penalty=1e-3, logit_bias={0: -100, 1: 100},
                    seed=-(2**63), logprobs=0, min_tokens=0, max_tokens=1)
-    SamplingParams(seed=2**63 - 1, temperature=100, top_p=1e-9, repetition_penalty=50.0)
+    SamplingParams(seed=2**63 - 1, temperature=100, top_p=1e-9, repetition_penalty=10.0, top_k=2**31 - 1)
 
 
 MODEL = {"vocab_size": 100, "max_logprobs": 5, "max_n": 4}

@@ -111,7 +111,7 @@ def test_nan_and_inf(http: httpx.Client, raw: str) -> None:
 
 
 @pytest.mark.parametrize("field, value", [
-    ("temperature", -1), ("temperature", 3), ("top_p", 0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2),
+    ("temperature", -1), ("temperature", 101), ("top_p", 0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2),
     ("presence_penalty", 5), ("frequency_penalty", -5), ("repetition_penalty", 0), ("max_tokens", 0),
     ("max_tokens", -3), ("n", 0), ("n", 5), ("n", 10**6), ("best_of", 9), ("logprobs", 6), ("logprobs", -1),
     ("min_tokens", -1), ("seed", 2**70), ("stop_token_ids", [10**8]), ("stop_token_ids", [-1]),
