@@ -21,7 +21,7 @@ _ENGINE_FLAGS: dict[str, type] = {
     "model": str, "load_format": str, "dtype": str, "device": str, "seed": int, "tokenizer": str,
     "block_size": int, "gpu_memory_utilization": float, "cpu_kv_cache_gib": float, "num_kv_blocks": int,
     "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int, "max_logprobs": int,
-    "max_n": int, "compile_mode": str, "build_dir": str,
+    "max_n": int, "compile_mode": str, "build_dir": str, "build_fallback": str,
 }
 _SERVER_FLAGS: dict[str, type] = {
     "host": str, "port": int, "api_key": str, "max_waiting_requests": int, "retry_after_s": int,
@@ -89,6 +89,16 @@ def _print_report(report: dict[str, Any], server: ServerConfig) -> None:
         print(f"  warning: listening on {server.host}, not loopback; set --api-key", file=sys.stderr)
 
 
+def _refuse_engine_flags_for_embeddings(args: argparse.Namespace) -> None:
+    """The embedding model reads only --model and --device; any other engine flag would do nothing."""
+    defaults = EngineConfig.field_defaults()
+    ignored = [_flag(name) for name in _ENGINE_FLAGS
+               if name not in ("model", "device") and getattr(args, name) != defaults[name]]
+    if ignored:
+        raise CompiledServeError(f"{', '.join(ignored)} do(es) not apply to an embedding model "
+                                 "(it reads only --model and --device)")
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -97,6 +107,7 @@ def serve(args: argparse.Namespace) -> int:
 
     engine_config, server_config = _configs(args)
     if is_embedding_model(engine_config.model):
+        _refuse_engine_flags_for_embeddings(args)
         device = "cuda" if engine_config.device == "cuda" else "cpu"
         embedder = EmbeddingEngine(engine_config.model, device=device)  # type: ignore[arg-type]
         app = build_app(server_config, embedder=embedder, model=engine_config.model)
