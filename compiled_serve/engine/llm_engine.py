@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compiled_serve.build import BuildStatus, engine_build_key, load_build
+from compiled_serve.build import BuildStatus, load_build
+from compiled_serve.cache import BuildKey
 from compiled_serve.config import EngineConfig
 from compiled_serve.detokenizer import IncrementalDetokenizer
 from compiled_serve.engine.block_manager import BlockManager
@@ -66,7 +67,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         t0 = time.perf_counter()
         loaded = load_model(config.model, load_format=config.load_format, dtype=self.dtype, device=self.device,
-                            seed=config.seed)
+                            seed=config.seed, tokenizer=config.tokenizer)
         self.load_seconds = time.perf_counter() - t0
         self.model = loaded.module
         self.model_config = mc = loaded.config
@@ -83,12 +84,13 @@ class LLMEngine:
         self.pass_manager = default_pass_manager(extra=list(config.extra_passes),
                                                  disabled=list(config.disabled_passes), device=self.device.type)
         self.tail_pass_manager = logits_tail_pass_manager()
-        self.build_key = engine_build_key(mc, self.weight_fingerprint, self.decode_buckets, self.dtype,
-                                          config.compile_mode, self.device,
-                                          passes=EnginePasses(self.pass_manager, self.tail_pass_manager))
+        self.build_key = BuildKey.for_current_toolchain(
+            model_config=mc.to_dict(), weight_fingerprint=self.weight_fingerprint,
+            passes=EnginePasses(self.pass_manager, self.tail_pass_manager).uuids(), buckets=self.decode_buckets,
+            dtype=self.dtype, compile_mode=config.compile_mode, device=self.device)
         self.build_status: BuildStatus | None = None
         if config.build_dir is not None:
-            self.build_status = load_build(config.build_dir, self.build_key)
+            self.build_status = load_build(config.build_dir, self.build_key, fallback=config.build_fallback)
         step_fn, self.compile_report = compile_model(self.model, mode=config.compile_mode, passes=self.pass_manager)
         # The tail's rewritten graph is one fused_sample call: nothing for Inductor to generate, so
         # it runs as is in every mode (no compile time, no extra build artifacts).
