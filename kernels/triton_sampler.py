@@ -1,6 +1,6 @@
 """Triton fused sampler: the CUDA implementation of `compiled_serve::fused_sample`.
 
-Semantics and the RNG scheme are those of `fused_sample_reference` (kernels/fused_sampling.py).
+Semantics and the RNG scheme are those of `logits_tail` (kernels/logits_tail.py), the reference.
 One program owns one row and walks the vocabulary in BLOCK-wide tiles, several times:
 
 1. raw max and online logsumexp (logprob), the penalised row's argmax (greedy token), and the
@@ -44,7 +44,7 @@ def _penalised_tile(
 ):  # fmt: skip
     """One tile of pass 1: token ids, valid mask, raw and penalised logits (-inf past the vocab).
 
-    The penalties of `apply_penalties` (compiled_serve/engine/sampler.py), in its order.
+    The penalties of `apply_penalties` (kernels/logits_tail.py), in its order.
     """
     idx = start + tl.arange(0, BLOCK)
     valid = idx < vocab

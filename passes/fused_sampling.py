@@ -1,4 +1,4 @@
-"""FusedSamplingPass: the whole logits tail (compiled_serve/engine/logits_tail.py) becomes one op.
+"""FusedSamplingPass: the whole logits tail (kernels/logits_tail.py) becomes one op.
 
 Before (as dynamo captures `logits_tail`; the penalty blocks are there only when given):
     raw = logits.float()                                            # [N, V] f32
@@ -9,7 +9,7 @@ Before (as dynamo captures `logits_tail`; the penalty blocks are there only when
     g = greedy | (temperature <= 0)
     scaled = p / torch.where(g, 1.0, temperature)[:, None]
     probs = compiled_serve.sampling_filter(scaled, top_k, top_p, min_p).softmax(dim=-1)
-    noise = compiled_serve.philox_exponential(seeds, offsets, V)
+    noise = compiled_serve.philox_exponential(seeds, offsets, g, V)
     token_ids = torch.where(g, p.argmax(dim=-1), (probs / noise).argmax(dim=-1))       # [N]
     logprobs = raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]          # [N]
 After:
@@ -17,11 +17,11 @@ After:
                                       greedy, rep, seen, freq, pres, counts)
     token_ids, logprobs = out[0], out[1]
 
-Every link is checked, operands included: the same `g` in both `where`s, the same temperature in
-`g` and in the divide, penalties in the op's order (repetition, then frequency, then presence),
-noise as wide as the vocabulary, a float32 chain. A tail that computes anything else (no
-temperature, another filter, another order) is left alone, and the pass, required in the
-tail's pipeline, then fails the compile rather than sample from an unfused graph.
+Every link is checked, operands included: the same `g` in both `where`s and in the noise, the
+same temperature in `g` and in the divide, penalties in the op's order (repetition, then
+frequency, then presence), noise as wide as the vocabulary, a float32 chain. A tail that
+computes anything else (no temperature, another filter, another order) is left alone, and the
+pass, required in the tail's pipeline, then fails the compile rather than sample from an unfused graph.
 """
 
 from __future__ import annotations
@@ -200,7 +200,9 @@ def match_tail(token_where: Any) -> TailMatch | None:
     if not (is_op(filtered, FILTER_OP) and is_op(noise, NOISE_OP)):
         return None
     scaled, top_k, top_p, min_p = filtered.args
-    seeds, offsets, width = noise.args
+    seeds, offsets, skipped, width = noise.args
+    if skipped is not is_greedy:  # noise skipped on other rows than the greedy ones
+        return None
     # scaled = p / torch.where(g, 1.0, temperature)[:, None]
     if kind(scaled) != "div" or scaled.kwargs or scaled.args[0] is not penalised:
         return None

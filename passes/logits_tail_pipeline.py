@@ -1,7 +1,7 @@
 """The logits tail's own compile: dynamo capture, a small pass pipeline, the fused sampler.
 
 `compile_logits_tail(mode, device)` returns a callable with `logits_tail`'s signature
-(compiled_serve/engine/logits_tail.py) and a `CompileReport`. Its pipeline is not the model's:
+(kernels/logits_tail.py) and a `CompileReport`. Its pipeline is not the model's:
 that one's paged-attention pass is required and finds nothing here. This one is no-op
 elimination, then `FusedSamplingPass` (required), so a compiled tail always samples through
 `compiled_serve::fused_sample`. Its `uuids()` go into the engine's build key beside the model's,
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compiled_serve.engine.logits_tail import logits_tail
+from compiled_serve.kernels.logits_tail import logits_tail
 from compiled_serve.passes.fused_sampling import FusedSamplingPass
 from compiled_serve.passes.manager import PassManager
 from compiled_serve.passes.noop_elimination import NoOpEliminationPass

@@ -20,6 +20,7 @@ import torch
 
 from compiled_serve.engine.buckets import MIN_STEP_TOKENS
 from compiled_serve.engine.cuda_graphs import DecodeGraphs
+from compiled_serve.engine.host_copy import to_device
 from compiled_serve.engine.scheduler import SchedulerOutput
 from compiled_serve.kernels.forward_context import AttentionMetadata, forward_context
 
@@ -51,8 +52,7 @@ class ModelRunner:
         return graphs
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        host = torch.tensor(values, dtype=dtype, pin_memory=self._pin)
-        return host.to(self.device, non_blocking=True)
+        return to_device(torch.tensor(values, dtype=dtype, pin_memory=self._pin), self.device)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from compiled_serve.engine.sampler import _to_device, _token_counts
+from compiled_serve.engine.host_copy import to_device
 from compiled_serve.sampling_params import SamplingParams
 
 _INT64 = 1 << 64
@@ -28,6 +28,19 @@ def wrap_int64(value: int) -> int:
     """`value` modulo 2^64 as a signed int64 (a seed of 2^63 - 1 plus a sample index wraps)."""
     value %= _INT64
     return value - _INT64 if value >= _INT64 // 2 else value
+
+
+def token_counts(token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Occurrences of each token per row: [N, V] float32, built by one scatter_add on the device."""
+    width = max((len(ids) for ids in token_lists), default=0)
+    # [N, L] padded with the out-of-vocabulary id V, whose column is dropped afterwards.
+    padded = torch.full((len(token_lists), width), vocab_size, dtype=torch.int64)
+    for i, ids in enumerate(token_lists):
+        padded[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
+    padded = to_device(padded, device)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    return counts[:, :vocab_size]
 
 
 @dataclass
@@ -71,16 +84,16 @@ class TailInputs(NamedTuple):
             [[row.seed for row in rows], [len(row.output_token_ids) for row in rows]], dtype=torch.int64
         ).reshape(2, n)
         # One copy: [8, N] float32 bytes then [2, N] int64 bytes (32N, a multiple of 8: aligned).
-        packed = _to_device(torch.cat([floats.view(-1).view(torch.uint8), ints.view(-1).view(torch.uint8)]), device)
+        packed = to_device(torch.cat([floats.view(-1).view(torch.uint8), ints.view(-1).view(torch.uint8)]), device)
         split = floats.numel() * 4
         f = packed[:split].view(torch.float32).view(8, n)
         i = packed[split:].view(torch.int64).view(2, n)
         args: tuple[torch.Tensor | None, ...] = (f[0], f[1].int(), f[2], f[3], i[0], i[1], f[4].bool())
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
                for p in params):  # fmt: skip
-            counts = _token_counts([row.output_token_ids for row in rows], vocab_size, device)  # [N, V]
+            counts = token_counts([row.output_token_ids for row in rows], vocab_size, device)  # [N, V]
             if any(p.repetition_penalty != 1.0 for p in params):
-                seen = _token_counts([row.prompt_token_ids + row.output_token_ids for row in rows], vocab_size, device) > 0
+                seen = token_counts([row.prompt_token_ids + row.output_token_ids for row in rows], vocab_size, device) > 0
             else:
                 seen = counts > 0  # unread: every row's repetition penalty is 1.0
             args += (f[5], seen, f[6], f[7], counts)
@@ -90,9 +103,9 @@ class TailInputs(NamedTuple):
         suppress = [j * vocab_size + t for j, row in enumerate(rows) for t in row.suppressed_token_ids]
         return TailInputs(
             args,
-            _to_device(torch.tensor([j * vocab_size + t for j, t, _ in bias], dtype=torch.int64), device) if bias else None,
-            _to_device(torch.tensor([b for _, _, b in bias], dtype=torch.float32), device) if bias else None,
-            _to_device(torch.tensor(suppress, dtype=torch.int64), device) if suppress else None,
+            to_device(torch.tensor([j * vocab_size + t for j, t, _ in bias], dtype=torch.int64), device) if bias else None,
+            to_device(torch.tensor([b for _, _, b in bias], dtype=torch.float32), device) if bias else None,
+            to_device(torch.tensor(suppress, dtype=torch.int64), device) if suppress else None,
         )  # fmt: skip
 
     def edit_logits(self, logits: torch.Tensor) -> torch.Tensor:

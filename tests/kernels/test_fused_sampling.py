@@ -1,4 +1,4 @@
-"""Fused sampling op: the Triton kernel against the pure-torch reference and the sampler's filter.
+"""Fused sampling op: the Triton kernel against the pure-torch reference (`logits_tail`) and its filter.
 
 On the CPU the kernel runs in the Triton interpreter, which is slow per program, so the rows are
 few and small; statistics over many draws are taken from the reference, which the kernel matches
@@ -10,14 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compiled_serve.engine.sampler import SamplingBatch, apply_penalties
-from compiled_serve.kernels.fused_sampling import (
-    filter_logits_reference,
-    fused_sample,
-    fused_sample_reference,
-    philox_uint32,
-    sampling_rows,
-)
+from compiled_serve.kernels.fused_sampling import fused_sample
+from compiled_serve.kernels.logits_tail import apply_penalties, logits_tail
+from compiled_serve.kernels.philox import philox_uint32
+from compiled_serve.kernels.sampling_stages import filter_top_k_top_p_min_p
 
 Settings = tuple[torch.Tensor, ...]  # temperature, top_k, top_p, min_p, seeds, offsets, greedy
 # repetition_penalty, seen_mask, frequency_penalty, presence_penalty, output_counts (or all None)
@@ -57,13 +53,16 @@ def _random_penalties(num_rows: int, vocab: int, seed: int, device: str = "cpu")
 
 
 def _penalised(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
-    """The pure-torch sampler's `apply_penalties` on the dense inputs: [N, V] float32."""
-    repetition, seen, frequency, presence, counts = penalties
-    batch = SamplingBatch(vocab_size=logits.shape[-1], temperature=None, top_k=None, top_p=None,  # type: ignore[arg-type]
-                          min_p=None, greedy=None, generators=[], repetition_penalty=repetition,  # type: ignore[arg-type]
-                          seen_mask=seen, frequency_penalty=frequency, presence_penalty=presence,
-                          output_counts=counts)  # fmt: skip
-    return apply_penalties(logits.float(), batch)
+    """The reference's penalties on the dense inputs: [N, V] float32."""
+    return apply_penalties(logits.float(), *penalties)
+
+
+def _filtered(logits: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """The reference's temperature and filter: [N, V] scaled logits, -inf where excluded."""
+    temperature, top_k, top_p, min_p, _, _, greedy = settings
+    greedy = greedy | (temperature <= 0)
+    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
+    return filter_top_k_top_p_min_p(scaled, top_k, top_p, min_p)
 
 
 def _random_logits(num_rows: int, vocab: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -77,10 +76,9 @@ def _allowed(logits: torch.Tensor, settings: Settings) -> torch.Tensor:
     Ties only matter for low-precision logits (the kernel keeps every tie at the top-p boundary,
     the sort-based filter an arbitrary subset); random fp32 rows have none.
     """
-    temperature, top_k, top_p, min_p, _, _, greedy = settings
-    batch = sampling_rows(temperature, top_k, top_p, min_p, greedy, logits.shape[-1])
-    filtered = filter_logits_reference(logits, batch)  # [N, V]
-    scaled = logits.float() / batch.temperature[:, None]
+    temperature, greedy = settings[0], settings[-1]
+    filtered = _filtered(logits, settings)  # [N, V]
+    scaled = logits.float() / torch.where(greedy | (temperature <= 0), 1.0, temperature)[:, None]
     least_kept = filtered.masked_fill(filtered.isinf(), float("inf")).amin(dim=-1, keepdim=True)
     return scaled >= least_kept
 
@@ -145,7 +143,7 @@ def test_kernel_matches_reference_and_filter(vocab: int, block: int | None, trit
     settings = _random_settings(8, vocab, seed=vocab, device=triton_device)
     token_ids, logprobs = fused_sample_triton(logits, *settings, block=block)
     _check_rows(logits, settings, token_ids, logprobs)
-    ref_ids, ref_logprobs = fused_sample_reference(logits, *settings)
+    ref_ids, ref_logprobs = logits_tail(logits, *settings)
     assert torch.equal(token_ids, ref_ids)  # same Philox bits; near-ties are vanishingly rare
 
 
@@ -184,7 +182,7 @@ def test_kernel_applies_penalties_like_the_reference(groups: str, triton_device:
         penalties[2:] = [None, None, None]
     token_ids, logprobs = fused_sample_triton(logits, *settings, *penalties, block=64)
     _check_rows(logits, settings, token_ids, logprobs, tuple(penalties))
-    ref_ids, ref_logprobs = fused_sample_reference(logits, *settings, *penalties)
+    ref_ids, ref_logprobs = logits_tail(logits, *settings, *penalties)
     assert torch.equal(token_ids, ref_ids)
     torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=0)
 
@@ -224,7 +222,7 @@ def test_custom_op_with_penalties_passes_opcheck() -> None:
 def test_reference_samples_lie_in_the_filtered_set() -> None:
     logits = _random_logits(256, 200, seed=3)
     settings = _random_settings(256, 200, seed=3)
-    _check_rows(logits, settings, *fused_sample_reference(logits, *settings))
+    _check_rows(logits, settings, *logits_tail(logits, *settings))
 
 
 def test_row_draw_depends_only_on_its_seed_and_offset(triton_device: str) -> None:
@@ -279,9 +277,8 @@ def test_draws_over_offsets_follow_the_filtered_softmax(
         torch.arange(steps), torch.zeros(steps, dtype=torch.bool),
     )  # fmt: skip
     logits = row.expand(steps, -1)
-    batch = sampling_rows(*(t[:1] for t in settings[:4]), settings[6][:1], 10)
-    expected = filter_logits_reference(logits[:1], batch)[0].softmax(-1)
-    tokens = fused_sample_reference(logits, *settings)[0]
+    expected = _filtered(logits[:1], tuple(t[:1] for t in settings))[0].softmax(-1)
+    tokens = logits_tail(logits, *settings)[0]
     assert _tv_distance(tokens, expected) < 0.02  # deterministic draws; typical distance ~0.005
     assert (expected[tokens] > 0).all()
     head = 32
@@ -314,7 +311,7 @@ def test_gpu_kernel_matches_filter_and_reference(cuda_device: str) -> None:
     settings = _random_settings(64, GPU_VOCAB, seed=10, device=cuda_device)
     token_ids, logprobs = fused_sample(logits, *settings)  # dispatches to the Triton kernel
     _check_rows(logits, settings, token_ids, logprobs)
-    ref_ids = fused_sample_reference(logits, *settings)[0]
+    ref_ids = logits_tail(logits, *settings)[0]
     # bf16 rows tie often: the kernel keeps all ties at the top-p boundary, so allow a few misses.
     assert (token_ids == ref_ids).float().mean() >= 0.9
 
@@ -326,7 +323,7 @@ def test_gpu_kernel_with_penalties_matches_filter_and_reference(cuda_device: str
     penalties = _random_penalties(32, GPU_VOCAB, seed=13, device=cuda_device)
     token_ids, logprobs = fused_sample(logits, *settings, *penalties)
     _check_rows(logits, settings, token_ids, logprobs, penalties)
-    ref_ids = fused_sample_reference(logits, *settings, *penalties)[0]
+    ref_ids = logits_tail(logits, *settings, *penalties)[0]
     assert (token_ids == ref_ids).float().mean() >= 0.9  # bf16 ties at the top-p boundary
 
 
@@ -354,8 +351,7 @@ def test_gpu_draws_over_offsets_follow_the_filtered_softmax(cuda_device: str) ->
     full = lambda v, dtype=torch.float32: torch.full((steps,), v, dtype=dtype, device=cuda_device)  # noqa: E731
     settings = (full(1.0), full(6, torch.int32), full(0.95), full(0.0), full(5, torch.int64),
                 torch.arange(steps, device=cuda_device), full(0, torch.bool))  # fmt: skip
-    batch = sampling_rows(*(t[:1] for t in settings[:4]), settings[6][:1], GPU_VOCAB)
-    expected = filter_logits_reference(logits[:1], batch)[0].softmax(-1)
+    expected = _filtered(logits[:1], tuple(t[:1] for t in settings))[0].softmax(-1)
     tokens = fused_sample(logits, *settings)[0]
     assert _tv_distance(tokens, expected) < 0.05
     assert (expected[tokens] > 0).all()

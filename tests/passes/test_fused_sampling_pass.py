@@ -2,7 +2,7 @@
 
 The reference is the dynamo graph of `logits_tail` left as captured (pure torch: the sampler's
 penalties and sort-based filter, the Philox noise op); the rewritten graph must give the same
-tokens and logprobs on every kind of row, and the same as the pure-torch sampler's pieces.
+tokens and logprobs on every kind of row, and the same as the reference's pieces.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import pytest
 import torch
 import torch.fx
 
-from compiled_serve.engine.logits_tail import logits_tail
-from compiled_serve.engine.sampler import SamplingBatch, apply_penalties
 from compiled_serve.errors import CompilationError
+from compiled_serve.kernels.logits_tail import apply_penalties, logits_tail
 from compiled_serve.passes.base import count_ops
 from compiled_serve.passes.fused_sampling import FusedSamplingPass
 from compiled_serve.passes.logits_tail_pipeline import (
@@ -116,17 +115,13 @@ def test_rewritten_tail_matches_the_unrewritten_graph(groups: str) -> None:
     assert all(count_ops(gm).get("compiled_serve::fused_sample") == 1 for gm in graphs)
 
 
-def test_rewritten_tail_agrees_with_the_pure_torch_sampler() -> None:
-    """Greedy rows take the argmax after the sampler's own apply_penalties; logprobs are raw."""
+def test_rewritten_tail_agrees_with_the_reference_penalties() -> None:
+    """Greedy rows take the argmax after the reference's apply_penalties; logprobs are raw."""
     inputs = tail_inputs(16, 64, "both", seed=5)
     logits, temperature, *_, greedy, repetition, seen, frequency, presence, counts = inputs
     tail, _ = compile_logits_tail("graph")
     token_ids, logprobs = tail(*inputs)
-    batch = SamplingBatch(vocab_size=64, temperature=temperature, top_k=None, top_p=None, min_p=None,  # type: ignore[arg-type]
-                          greedy=greedy, generators=[None] * 16, repetition_penalty=repetition,
-                          seen_mask=seen, frequency_penalty=frequency, presence_penalty=presence,
-                          output_counts=counts)  # fmt: skip
-    penalised = apply_penalties(logits, batch)
+    penalised = apply_penalties(logits, repetition, seen, frequency, presence, counts)
     is_greedy = greedy | (temperature <= 0)
     assert is_greedy.any() and not is_greedy.all()
     assert torch.equal(token_ids[is_greedy], penalised.argmax(-1)[is_greedy])
@@ -138,7 +133,7 @@ def tail_without_temperature(logits, temperature, top_k, top_p, min_p, seeds, of
     raw = logits.float()
     greedy = greedy | (temperature <= 0)
     probs = torch.ops.compiled_serve.sampling_filter(raw, top_k, top_p, min_p).softmax(dim=-1)
-    noise = torch.ops.compiled_serve.philox_exponential(seeds, offsets, logits.shape[-1])
+    noise = torch.ops.compiled_serve.philox_exponential(seeds, offsets, greedy, logits.shape[-1])
     token_ids = torch.where(greedy, raw.argmax(dim=-1), (probs / noise).argmax(dim=-1))
     return token_ids, raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]
 
@@ -152,12 +147,25 @@ def tail_greedy_on_raw_logits(logits, temperature, top_k, top_p, min_p, seeds, o
     greedy = greedy | (temperature <= 0)
     scaled = penalised / torch.where(greedy, 1.0, temperature)[:, None]
     probs = torch.ops.compiled_serve.sampling_filter(scaled, top_k, top_p, min_p).softmax(dim=-1)
-    noise = torch.ops.compiled_serve.philox_exponential(seeds, offsets, logits.shape[-1])
+    noise = torch.ops.compiled_serve.philox_exponential(seeds, offsets, greedy, logits.shape[-1])
     token_ids = torch.where(greedy, raw.argmax(dim=-1), (probs / noise).argmax(dim=-1))
     return token_ids, raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("fn", [tail_without_temperature, tail_greedy_on_raw_logits])
+def tail_with_noise_on_greedy_rows_only(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy,  # type: ignore[no-untyped-def]
+                                        *penalties):
+    """The noise skips the sampled rows instead of the greedy ones: they would all draw argmax."""
+    raw = logits.float()
+    greedy = greedy | (temperature <= 0)
+    scaled = raw / torch.where(greedy, 1.0, temperature)[:, None]
+    probs = torch.ops.compiled_serve.sampling_filter(scaled, top_k, top_p, min_p).softmax(dim=-1)
+    noise = torch.ops.compiled_serve.philox_exponential(seeds, offsets, ~greedy, logits.shape[-1])
+    token_ids = torch.where(greedy, raw.argmax(dim=-1), (probs / noise).argmax(dim=-1))
+    return token_ids, raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("fn", [tail_without_temperature, tail_greedy_on_raw_logits,
+                                tail_with_noise_on_greedy_rows_only])
 def test_a_different_tail_is_not_fused_and_the_required_pass_fails(fn: Callable) -> None:
     gm = captured("both", fn)
     before = count_ops(gm)
@@ -178,7 +186,7 @@ def tail_with_penalties_swapped(logits, temperature, top_k, top_p, min_p, seeds,
     greedy = greedy | (temperature <= 0)
     scaled = penalised / torch.where(greedy, 1.0, temperature)[:, None]
     probs = torch.ops.compiled_serve.sampling_filter(scaled, top_k, top_p, min_p).softmax(dim=-1)
-    noise = torch.ops.compiled_serve.philox_exponential(seeds, offsets, logits.shape[-1])
+    noise = torch.ops.compiled_serve.philox_exponential(seeds, offsets, greedy, logits.shape[-1])
     token_ids = torch.where(greedy, penalised.argmax(dim=-1), (probs / noise).argmax(dim=-1))
     return token_ids, raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]
 

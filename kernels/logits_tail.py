@@ -1,0 +1,80 @@
+"""The logits tail in plain PyTorch: the one sampling reference, and the graph the engine compiles.
+
+    logits [N, V]
+      -> repetition penalty (over seen_mask) -> frequency / presence penalty (over output_counts)
+      -> greedy rows: argmax
+      -> temperature -> top-k / top-p / min-p (`compiled_serve::sampling_filter`) -> softmax
+      -> exponential race with Philox noise (`compiled_serve::philox_exponential`)
+      -> token ids, and the sampled token's logprob under the raw (unpenalised) logits
+
+Three things are this one function:
+  - the reference: every sampler test and the Triton kernel (kernels/triton_sampler.py) are
+    checked against it;
+  - the source graph: `compile_logits_tail` (passes/logits_tail_pipeline.py) captures it with
+    dynamo and `FusedSamplingPass` rewrites the whole chain into one `compiled_serve::fused_sample`;
+  - that op's implementation off CUDA (kernels/fused_sampling.py calls it eagerly).
+Logit bias and min-tokens suppression are sparse exact edits the caller applies to `logits`
+beforehand. A penalty group is None when no row uses it, which dynamo resolves at trace time, so
+the captured graph holds only the penalties in use. Sampling is `argmax(probs / E)`, E ~ Exp(1)
+per token (it picks token i with probability probs[i]), E from Philox keyed by the row's seed at
+counter = its offset (kernels/philox.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import compiled_serve.kernels.sampling_stages  # noqa: F401  (registers the stage ops)
+
+
+def apply_penalties(
+    raw: torch.Tensor,  # [N, V] float32
+    repetition_penalty: torch.Tensor | None = None,  # [N] float32
+    seen_mask: torch.Tensor | None = None,  # [N, V] bool, token in prompt or output
+    frequency_penalty: torch.Tensor | None = None,  # [N] float32
+    presence_penalty: torch.Tensor | None = None,  # [N] float32
+    output_counts: torch.Tensor | None = None,  # [N, V] float32, occurrences in the output
+) -> torch.Tensor:
+    """HF repetition penalty, then OpenAI frequency / presence: [N, V] -> new [N, V]."""
+    penalised = raw
+    if repetition_penalty is not None and seen_mask is not None:
+        # HF: a seen token's positive logit is divided by the penalty, a negative one multiplied.
+        penalty = repetition_penalty[:, None]  # [N, 1]
+        penalised = torch.where(
+            seen_mask, torch.where(penalised > 0, penalised / penalty, penalised * penalty), penalised
+        )
+    if frequency_penalty is not None and presence_penalty is not None and output_counts is not None:
+        # OpenAI: logit -= frequency * count + presence * (count > 0), over output tokens.
+        penalised = penalised - frequency_penalty[:, None] * output_counts
+        penalised = penalised - presence_penalty[:, None] * (output_counts > 0).float()
+    return penalised
+
+
+def logits_tail(
+    logits: torch.Tensor,  # [N, V] float
+    temperature: torch.Tensor,  # [N] float32; rows with temperature <= 0 are greedy
+    top_k: torch.Tensor,  # [N] int32, <= 0 = off
+    top_p: torch.Tensor,  # [N] float32, 1 = off
+    min_p: torch.Tensor,  # [N] float32, 0 = off
+    seeds: torch.Tensor,  # [N] int64, the row's Philox key
+    offsets: torch.Tensor,  # [N] int64, the row's step counter
+    greedy: torch.Tensor,  # [N] bool
+    repetition_penalty: torch.Tensor | None = None,  # [N] float32
+    seen_mask: torch.Tensor | None = None,  # [N, V] bool, token in prompt or output
+    frequency_penalty: torch.Tensor | None = None,  # [N] float32
+    presence_penalty: torch.Tensor | None = None,  # [N] float32
+    output_counts: torch.Tensor | None = None,  # [N, V] float32, occurrences in the output
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_ids [N] int64, logprobs [N] float32)."""
+    raw = logits.float()  # [N, V]
+    penalised = apply_penalties(raw, repetition_penalty, seen_mask, frequency_penalty, presence_penalty,
+                                output_counts)  # fmt: skip
+    greedy = greedy | (temperature <= 0)  # [N]
+    scaled = penalised / torch.where(greedy, 1.0, temperature)[:, None]  # [N, V]
+    filtered = torch.ops.compiled_serve.sampling_filter(scaled, top_k, top_p, min_p)  # [N, V]
+    probs = filtered.softmax(dim=-1)  # [N, V]
+    noise = torch.ops.compiled_serve.philox_exponential(seeds, offsets, greedy, logits.shape[-1])  # [N, V]
+    sampled = (probs / noise).argmax(dim=-1)  # [N]
+    token_ids = torch.where(greedy, penalised.argmax(dim=-1), sampled)  # [N]
+    logprobs = raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]  # [N]
+    return token_ids, logprobs
