@@ -103,3 +103,13 @@ def test_current_toolchain_cpu() -> None:
         model_config={}, weight_fingerprint="w", passes=[], buckets=[1], dtype="float32", device="cpu"
     )
     assert k.torch_version == torch.__version__ and k.device_capability == tc.device_capability
+
+
+def test_for_current_toolchain_takes_torch_dtype_and_device() -> None:
+    """The engine passes its torch.dtype / torch.device; the key records their names."""
+    import torch
+
+    common = dict(model_config={"h": 1}, weight_fingerprint="w", passes=[("p", "u")], buckets=[2, 1])
+    from_torch = BuildKey.for_current_toolchain(**common, dtype=torch.bfloat16, device=torch.device("cpu"))
+    from_names = BuildKey.for_current_toolchain(**common, dtype="bfloat16", device="cpu")
+    assert from_torch.dtype == "bfloat16" and from_torch == from_names
