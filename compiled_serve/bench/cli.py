@@ -27,6 +27,7 @@ from compiled_serve.bench.defaults import (
     SERVE_RATES,
 )
 from compiled_serve.bench.workloads import WORKLOADS, Workload, modified_workload
+from compiled_serve.config import EngineConfig
 
 # EngineConfig fields a bench run can set, with their types.
 _ENGINE_FLAGS: dict[str, type] = {
@@ -56,9 +57,8 @@ def add_bench_parser(commands: Any) -> None:
         parser = sub.add_parser(name, help=f"{', '.join(ids)}: " + ", ".join(WORKLOADS[i].describe() for i in ids))
         parser.add_argument("--workload", nargs="+", choices=ids, default=list(ids))
         for field, kind in _ENGINE_FLAGS.items():
-            default = ENGINE_DEFAULTS.get(field)
-            parser.add_argument(_flag(field), dest=field, type=kind, default=None,
-                                help=f"(default: {default!r})" if default is not None else "(default: EngineConfig's)")
+            default = ENGINE_DEFAULTS.get(field, EngineConfig.field_defaults()[field])
+            parser.add_argument(_flag(field), dest=field, type=kind, default=None, help=f"(default: {default!r})")
         parser.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
         for field, (kind, text) in _WORKLOAD_FLAGS.items():
             parser.add_argument(_flag(field), dest=field, type=kind, default=None, help=text)
@@ -76,8 +76,11 @@ def add_bench_parser(commands: Any) -> None:
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
-    given = {name: getattr(args, name) for name in [*_ENGINE_FLAGS, "enforce_eager"]}
-    return {**ENGINE_DEFAULTS, **{name: value for name, value in given.items() if value is not None}}
+    """Every engine setting a bench run can change: the flag, else ENGINE_DEFAULTS, else EngineConfig's."""
+    names = [*_ENGINE_FLAGS, "enforce_eager"]
+    config_defaults = EngineConfig.field_defaults()
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {**{name: config_defaults[name] for name in names}, **ENGINE_DEFAULTS, **given}
 
 
 def selected_workload(args: argparse.Namespace, workload_id: str) -> Workload:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from compiled_serve.bench.ceilings import measure_ceilings
-from compiled_serve.bench.defaults import SERVER_START_TIMEOUT_S
+from compiled_serve.bench.defaults import SERVER_START_TIMEOUT_S, TEMPERATURE
 from compiled_serve.bench.floor import model_cost, workload_floor
 from compiled_serve.bench.record import build_record, environment, headline, serve_floors
 from compiled_serve.bench.workloads import Workload, draw_requests
@@ -20,8 +20,8 @@ from compiled_serve.models.loaders.dummy import dummy_config
 def run_workload(workload: Workload, settings: dict[str, Any], *, repeats: int = 1,
                  rates: list[float] | None = None, url: str | None = None) -> dict[str, Any]:
     config, _ = dummy_config(workload.model)
-    device = resolve_device(str(settings.get("device", "auto")))
-    dtype = resolve_dtype(str(settings.get("dtype", "auto")), device)
+    device = resolve_device(settings["device"])
+    dtype = resolve_dtype(settings["dtype"], device)
     requests = draw_requests(workload, config.vocab_size)
     ceilings = measure_ceilings(device)
     if device.type == "cuda":
@@ -58,4 +58,5 @@ def run_workload(workload: Workload, settings: dict[str, Any], *, repeats: int =
             result = {"startup_s": startup, **run_latency(llm, requests, repeats)}
             summary = headline(workload, result["decode_tok_s"], floor, env["gpu"])
         result["engine_report"] = {k: str(v) for k, v in llm.llm_engine.startup_report().items()}
-    return build_record(workload, env, settings, ceilings, cost, floor, result, summary)
+    sampling = {"temperature": TEMPERATURE, "seed": "the request's index", "ignore_eos": True}
+    return build_record(workload, env, {**settings, "sampling": sampling}, ceilings, cost, floor, result, summary)

@@ -69,7 +69,13 @@ def _free_port() -> int:
 def running_server(model: str, settings: dict[str, Any], timeout_s: float) -> Iterator[tuple[str, float]]:
     """Starts `compiled-serve serve` on loopback; yields (base URL, seconds to /health 200)."""
     port = _free_port()
-    flags = [f"--{name.replace('_', '-')}={value}" for name, value in settings.items() if value is not None]
+    flags = []
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags += [flag] if value else []  # store_true flags
+        elif value is not None:
+            flags.append(f"{flag}={value}")
     cmd = [sys.executable, "-m", "compiled_serve.cli", "serve", "--model", model, "--load-format", "dummy",
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *flags]
     with tempfile.TemporaryFile(mode="w+") as log:
