@@ -54,7 +54,7 @@ def add_bench_parser(commands: Any) -> None:
     bench = commands.add_parser("bench", help="the PERF.md workloads, their floor, and the report")
     sub = bench.add_subparsers(dest="bench_command", required=True)
     for name, ids in _COMMANDS.items():
-        parser = sub.add_parser(name, help=f"{', '.join(ids)}: " + ", ".join(WORKLOADS[i].describe() for i in ids))
+        parser = sub.add_parser(name, help="; ".join(WORKLOADS[i].describe() for i in ids))
         parser.add_argument("--workload", nargs="+", choices=ids, default=list(ids))
         for field, kind in _ENGINE_FLAGS.items():
             default = ENGINE_DEFAULTS.get(field, EngineConfig.field_defaults()[field])
