@@ -14,8 +14,13 @@ character: nothing is emitted until the character is complete. On emission the w
 prefix_offset <- read_offset, read_offset <- end.
 
 Stop strings are searched in the decoded text, across token boundaries. While running, a
-suffix of the text that could still grow into a stop string is held back from the deltas;
-`finish()` flushes it.
+suffix of the text that could still grow into a stop string is held back; `finish()` flushes it.
+
+The engine's interface is small: `add_tokens(ids)` per sampled token, `finish()` when the
+sequence ends for another reason (EOS, stop token, length), `stop_hit` to learn that a stop
+string ended it, and `output_text` for the RequestOutput. `output_text` is exactly the
+concatenation of the deltas returned so far: text that a stop string can no longer cut, so a
+stream built from it never has to take anything back.
 """
 
 from __future__ import annotations
@@ -62,8 +67,10 @@ class IncrementalDetokenizer:
 
     @property
     def output_text(self) -> str:
-        """All text decoded so far, including any part still held back from the deltas."""
-        return self._text
+        """The text that can no longer change: while running, all but the suffix held back as a
+        possible start of a stop string; after a stop string or finish(), the whole final text.
+        It only ever grows, so consumers may stream `output_text[len(sent):]`."""
+        return self._text[: self._num_emitted]
 
     @property
     def finished(self) -> bool:

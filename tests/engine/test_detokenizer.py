@@ -26,14 +26,19 @@ def random_text(rng: random.Random, pools: list) -> str:
 
 
 def stream(tokenizer, prompt, ids, rng=None, **kwargs):
-    """Feeds ids one token (or, with rng, a random chunk) at a time; returns (deltas, detok)."""
+    """Feeds ids one token (or, with rng, a random chunk) at a time; returns (deltas, detok).
+
+    After every call, output_text must be exactly the deltas so far: a RequestOutput built from
+    it never shows text that a stop string later cuts away."""
     detok = IncrementalDetokenizer(tokenizer, prompt, **kwargs)
     deltas, i = [], 0
     while i < len(ids):
         step = rng.randint(1, 4) if rng else 1
         deltas.append(detok.add_tokens(ids[i : i + step]))
+        assert detok.output_text == "".join(deltas)
         i += step
     deltas.append(detok.finish())
+    assert detok.output_text == "".join(deltas)
     return deltas, detok
 
 
@@ -199,8 +204,8 @@ def test_partial_stop_prefix_is_held_back_then_released(smollm2_tokenizer):
     for i, piece in enumerate(pieces):
         ids = tok.encode(piece, add_special_tokens=False)
         emitted += detok.add_tokens(ids)
-        if i == 2:  # "Wait STOP": every suffix that may begin "STOP!" is held
-            assert emitted == "Wait " and detok.output_text == "Wait STOP"
+        if i == 2:  # "Wait STOP": every suffix that may begin "STOP!" is held, from output_text too
+            assert emitted == "Wait " == detok.output_text
         if i == 3:  # " no" shows it was not the stop string
             assert emitted == "Wait STOP no"
     assert detok.stop_hit == stop
@@ -214,8 +219,9 @@ def test_finish_flushes_held_text(smollm2_tokenizer):
     tok = smollm2_tokenizer
     detok = IncrementalDetokenizer(tok, [], stop=["<END>"])
     emitted = detok.add_tokens(tok.encode("almost <EN", add_special_tokens=False))
-    assert emitted == "almost "
+    assert emitted == "almost " == detok.output_text
     assert detok.finish() == "<EN"
+    assert detok.output_text == "almost <EN"
     assert detok.stop_hit is None
 
 
