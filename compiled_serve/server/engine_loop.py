@@ -9,6 +9,7 @@ disconnect, cancelled task, error) is aborted, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -314,5 +315,5 @@ def _coalesce(items: list[RequestOutput | BaseException]) -> RequestOutput:
     by_index = {completion.index: completion for item in outputs for completion in item.outputs}
     if len(by_index) == len(latest.outputs):
         return latest
-    return RequestOutput(latest.request_id, latest.prompt, latest.prompt_token_ids,
-                         [by_index[i] for i in sorted(by_index)], latest.finished, latest.num_cached_tokens)
+    # Every other field (metrics included) is the newest output's.
+    return dataclasses.replace(latest, outputs=[by_index[i] for i in sorted(by_index)])
