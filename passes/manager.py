@@ -128,15 +128,3 @@ def explain(report: PassReport) -> str:
     total_before, total_after = sum(report.ops_before.values()), sum(report.ops_after.values())
     lines.append(f"total ops: {total_before} -> {total_after}; {report.seconds * 1e3:.1f} ms in passes")
     return "\n".join(lines)
-
-
-def default_pass_manager(
-    extra: Iterable[str | GraphPass | type[GraphPass]] = (),
-    disabled: Iterable[str] = (),
-    dump_dir: str | Path | None = None,
-    device: str | None = None,
-) -> PassManager:
-    """The built-in passes plus plug-ins (see `registry.default_pass_manager`, which this calls)."""
-    from compiled_serve.passes.registry import default_pass_manager as build
-
-    return build(extra, disabled, dump_dir, device)

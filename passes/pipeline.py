@@ -4,7 +4,8 @@
 Dynamo hands our backend the captured fx graph (parameters lifted to inputs); the backend runs
 every pass in order, then either compiles with Inductor or runs the rewritten graph as is
 ("graph" mode, for fast tests). The token dimension is dynamic, so a new batch size does not
-recompile (dynamo specializes a size of 1 once, which is the decode-of-one case).
+recompile. Dynamo would specialise a token count of 1 into a graph of its own; the engine never
+passes one (a one-token step is padded to MIN_STEP_TOKENS, compiled_serve/engine/buckets.py).
 """
 
 from __future__ import annotations
@@ -12,64 +13,29 @@ from __future__ import annotations
 import logging
 import time
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 
 from compiled_serve.passes.base import GraphPass, count_ops
-from compiled_serve.passes.paged_attention import PagedAttentionPass
+from compiled_serve.passes.manager import PassManager
+from compiled_serve.passes.registry import default_pass_manager
 
 logger = logging.getLogger("compiled_serve.passes")
 
 
-def default_passes() -> list[GraphPass]:
-    return [PagedAttentionPass()]
+def as_pass_manager(passes: PassManager | Sequence[GraphPass] | None) -> PassManager:
+    """A pass manager as given; a pass list wrapped in one; None: the default pipeline (registry.py)."""
+    if passes is None:
+        return default_pass_manager()
+    return passes if isinstance(passes, PassManager) else PassManager(passes)
 
 
-def default_pipeline() -> Callable[[torch.fx.GraphModule], dict[str, int]]:
-    """What the backend runs on each captured graph: `gm -> {pass name: matches}`.
-
-    Seam: once `passes/manager.py` provides `default_pass_manager()` (callable on a graph module,
-    with `uuids()`), this is where it plugs in; until then the plain pass list is run in order.
-    """
-    manager = _pass_manager()
-    if manager is not None:
-        return _as_pipeline(manager)
-    return _as_pipeline(default_passes())
-
-
-def pipeline_uuids(pipeline: object | None = None) -> list[tuple[str, str]]:
-    """(name, uuid) per pass, in order: what a build key records about the pass pipeline."""
-    if pipeline is None:
-        manager = _pass_manager()
-        pipeline = manager if manager is not None else default_passes()
-    uuids = getattr(pipeline, "uuids", None)
-    if callable(uuids):
-        return [(str(name), str(uuid)) for name, uuid in uuids()]
-    return [(p.name, p.uuid()) for p in pipeline]  # type: ignore[attr-defined]
-
-
-def _pass_manager() -> object | None:
-    try:
-        from compiled_serve.passes.manager import default_pass_manager  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return default_pass_manager()
-
-
-def _as_pipeline(passes: object) -> Callable[[torch.fx.GraphModule], dict[str, int]]:
-    if isinstance(passes, (list, tuple)):
-        pass_list: list[GraphPass] = list(passes)
-        return lambda gm: {p.name: p(gm) for p in pass_list}
-
-    def run_manager(gm: torch.fx.GraphModule) -> dict[str, int]:
-        result = passes(gm)  # type: ignore[operator]
-        matches = getattr(result, "matches", result)  # a PassReport, or a plain {name: matches}
-        return dict(matches) if isinstance(matches, Mapping) else {"passes": int(matches or 0)}
-
-    return run_manager
+def pipeline_uuids(passes: PassManager | Sequence[GraphPass] | None = None) -> list[tuple[str, str]]:
+    """(name, uuid) per pass, in run order: what a build key records about the pass pipeline."""
+    return as_pass_manager(passes).uuids()
 
 
 @dataclass
@@ -83,13 +49,13 @@ class CompileReport:
         return len(self.graphs)
 
 
-def make_backend(passes: Sequence[GraphPass] | Callable, mode: str, report: CompileReport) -> Callable:
-    pipeline = _as_pipeline(passes)
+def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: CompileReport) -> Callable:
+    manager = as_pass_manager(passes)
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         start = time.perf_counter()
         entry: dict = {"ops_before": count_ops(gm), "matches": {}}
-        entry["matches"] = pipeline(gm)
+        entry["matches"] = manager(gm).matches
         entry["ops_after"] = count_ops(gm)
         if mode == "inductor":
             from torch._inductor.compile_fx import compile_fx
@@ -106,11 +72,11 @@ def make_backend(passes: Sequence[GraphPass] | Callable, mode: str, report: Comp
 
 
 def compile_model(
-    model: torch.nn.Module, mode: str = "inductor", passes: Sequence[GraphPass] | Callable | None = None
+    model: torch.nn.Module, mode: str = "inductor", passes: PassManager | Sequence[GraphPass] | None = None
 ) -> tuple[Callable, CompileReport]:
-    """`passes`: a pass list or a pass manager; None = the default pipeline."""
+    """`passes`: a pass manager or a pass list; None = the default pipeline."""
     report = CompileReport()
-    backend = make_backend(passes if passes is not None else default_pipeline(), mode, report)
+    backend = make_backend(as_pass_manager(passes), mode, report)
     compiled = torch.compile(_own_entry_point(model), backend=backend, dynamic=True, fullgraph=True)
     return compiled, report
 

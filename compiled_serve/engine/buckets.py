@@ -1,8 +1,8 @@
 """Batch buckets: the decode batch sizes that get a CUDA graph, and picking one for a step.
 
-The compiled step keeps its token dimension dynamic (dynamo `dynamic=True`, size-oblivious, see
-passes/pipeline.py), so Inductor never recompiles for a new batch size: a step of any size,
-one token included, runs the one dynamic graph. Buckets exist for CUDA graphs,
+The compiled step keeps its token dimension dynamic (dynamo `dynamic=True`, see
+passes/pipeline.py), so Inductor never recompiles for a new batch size: every step, of
+MIN_STEP_TOKENS tokens or more, runs the one dynamic graph. Buckets exist for CUDA graphs,
 which replay fixed shapes: a decode batch of n sequences is padded up to the smallest bucket
 >= n, and batches above the largest bucket run the dynamic graph without CUDA graphs.
 
@@ -50,11 +50,11 @@ def normalize_buckets(buckets: Iterable[int], max_num_seqs: int | None = None) -
 
 
 def parse_buckets(text: str) -> tuple[int, ...]:
-    """"1,2,4,8" or "1 2 4 8" -> (1, 2, 4, 8), for the command line."""
+    """"2,4,8" or "2 4 8" -> (2, 4, 8), for the command line."""
     try:
         values = [int(part) for part in text.replace(",", " ").split()]
     except ValueError:
-        raise InvalidParameterError("buckets", f"expected integers like 1,2,4,8; got {text!r}") from None
+        raise InvalidParameterError("buckets", f"expected integers like 2,4,8; got {text!r}") from None
     return normalize_buckets(values)
 
 

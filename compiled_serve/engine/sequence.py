@@ -56,16 +56,8 @@ class Sequence:
         self.token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
 
     @property
-    def seq_id(self) -> str:
-        return f"{self.request_id}#{self.index}"
-
-    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
