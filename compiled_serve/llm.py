@@ -56,7 +56,7 @@ class LLM:
         try:
             for prompt, params in zip(prompt_list, params_list):
                 rid = f"offline-{next(self._ids)}"
-                engine.add_request(rid, prompt, params)
+                engine.add_request(rid, prompt, params, final_only=True)
                 ids.append(rid)
         except Exception:
             for rid in ids:

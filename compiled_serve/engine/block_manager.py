@@ -82,9 +82,12 @@ class BlockManager:
         if self.pool.enable_caching:
             # Blocks that this step fills are published now; the step writes them before any
             # later step can read them, and within a step every write precedes every read.
-            self._update_hashes(seq, total)
-            first = num_computed // bs
-            for i in range(first, total // bs):
+            # A token still in flight (asynchronous steps) is not in token_ids yet: the block it
+            # completes is hashed and published by the next allocation.
+            first = min(num_computed // bs, len(seq.block_hashes))
+            known = min(total, seq.num_tokens)
+            self._update_hashes(seq, known)
+            for i in range(first, known // bs):
                 self.pool.register(seq.block_ids[i], seq.block_hashes[i])
         return True
 

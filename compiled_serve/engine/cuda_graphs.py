@@ -166,6 +166,25 @@ class DecodeGraphs:
         graph.replay()
         return self.outputs[bucket][:n]
 
+    def replay(
+        self, bucket: int, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+        meta32: torch.Tensor, block_tables: torch.Tensor,
+    ) -> torch.Tensor:
+        """A padded decode step whose inputs are already on the device (device-to-device copies
+        into the static buffers, then the graph): ids/positions/slots [bucket], meta32 in the
+        static layout [2 * max_bucket + 1], block_tables [n, width] -> hidden [bucket, hidden]."""
+        n, width = block_tables.shape
+        self.input_ids[:bucket].copy_(input_ids)
+        self.positions[:bucket].copy_(positions)
+        self.slot_mapping[:bucket].copy_(slots)
+        self.meta32.copy_(meta32)
+        self.block_tables[:n, :width].copy_(block_tables)
+        graph = self.graphs.get(bucket)
+        if graph is None:  # no capture (CPU, or capture=False): the same buffers, run directly
+            return self._run_static(bucket)
+        graph.replay()
+        return self.outputs[bucket]
+
     def release(self) -> None:
         self.graphs.clear()
         self.outputs.clear()

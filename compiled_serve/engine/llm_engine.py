@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from compiled_serve.build import BuildStatus, load_build
@@ -29,9 +30,11 @@ from compiled_serve.engine.kv_cache import (
 )
 from compiled_serve.engine.model_runner import ModelRunner
 from compiled_serve.engine.output_builder import build_request_output
+from compiled_serve.engine.persistent_batch import PersistentBatch
 from compiled_serve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from compiled_serve.engine.sequence import Sequence, SequenceStatus
 from compiled_serve.engine.stats import EngineStats
+from compiled_serve.engine.step_runner import InFlightStep, StepRunner
 from compiled_serve.engine.step_sampler import TailInputs, TailRow, raw_logprobs, wrap_int64
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.models.loader import load_model
@@ -58,6 +61,7 @@ class _Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
+    final_only: bool = False
 
 
 class LLMEngine:
@@ -124,23 +128,31 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, step_fn, self.kv_caches, block_size, self.device)
+        self.batch = PersistentBatch(config.max_num_seqs, self.max_model_len, block_size)
+        self.step_runner = StepRunner(self.runner, self.logits_tail, self.batch)
+        self._inflight: InFlightStep | None = None
+        self._requests: dict[str, _Request] = {}
+        self._eos_ids = set(mc.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self._eos_ids.add(int(self.tokenizer.eos_token_id))
+        self._reset_counters()
         self._on_progress("compiling (warm-up steps)")
         self._warmup()
         if self.use_cuda_graphs:
             self.runner.capture_decode_graphs(
                 self.decode_buckets, self.max_model_len,
                 progress=lambda b: self._on_progress(f"captured CUDA graph for decode bucket {b}"))
+        if self.use_cuda_graphs and config.scheduling != "legacy":
+            self._run_warmup_requests(decode_only=True)  # the first replay of each decode graph
         self.compile_seconds += time.perf_counter() - t0
+        self._reset_counters()
 
-        self._requests: dict[str, _Request] = {}
-        self._eos_ids = set(mc.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self._eos_ids.add(int(self.tokenizer.eos_token_id))
+    # ----------------------------------------------------------------- setup
+    def _reset_counters(self) -> None:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._computed_tokens_total = 0
 
-    # ----------------------------------------------------------------- setup
     @torch.inference_mode()
     def _profile_activation_peak(self) -> int:
         """Peak extra memory of one full-budget step, measured with the dense (unpaged) model."""
@@ -158,6 +170,61 @@ class LLMEngine:
         return int(peak * 1.2)
 
     def _warmup(self) -> None:
+        if self.config.scheduling == "legacy":
+            self._legacy_warmup()
+        else:
+            self._run_warmup_requests(decode_only=False)
+
+    def _run_warmup_requests(self, decode_only: bool) -> None:
+        """Runs what serving will hit through the real step path, before "ready": a full-budget
+        prefill, a mixed step (a prefill chunk beside decodes), decode steps at every bucket, both
+        tail variants (row-table and host-built) and the logprobs path.
+
+        The requests run on a throwaway block manager and scheduler over the same KV cache, so the
+        engine's own pool, prefix cache and counters start untouched.
+        """
+        real = self.block_manager, self.scheduler
+        cfg = self.config
+        self.block_manager = BlockManager(real[0].num_blocks, cfg.block_size, enable_prefix_caching=False)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        budget = cfg.max_num_batched_tokens
+        on_gpu = self.device.type == "cuda"
+        try:
+            if not decode_only:
+                # The full budget on CUDA (kernel variants and autotuning for large steps); on the
+                # CPU, where one dynamic graph serves every size, a short prompt is enough.
+                long_len = max(2, min(budget if on_gpu else 2 * cfg.block_size + 3, self.max_model_len - 4))
+                self.add_request("__warmup_a__", [0] * 3, SamplingParams(max_tokens=3, ignore_eos=True))
+                self.step()  # prefill a
+                self.add_request("__warmup_b__", [0] * long_len,
+                                 SamplingParams(max_tokens=2, ignore_eos=True, logprobs=1))
+                self.add_request("__warmup_c__", [0] * 3,
+                                 SamplingParams(max_tokens=2, ignore_eos=True, repetition_penalty=1.1))
+                self._drain_warmup()
+            sizes = list(self.runner.decode_graphs.buckets) if self.runner.decode_graphs is not None else [2]
+            for size in sizes if on_gpu else sizes[:1]:
+                size = min(size, cfg.max_num_seqs)
+                for i in range(size):
+                    self.add_request(f"__warmup_d{i}__", [0] * 2,
+                                     SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.8, top_k=5))
+                self._drain_warmup()
+        finally:
+            for rid in [r for r in self._requests if r.startswith("__warmup")]:
+                self.abort_request(rid)
+            self._finish_inflight()
+            self.batch.reconcile([])
+            self.block_manager, self.scheduler = real
+
+    def _drain_warmup(self) -> None:
+        while self.has_unfinished_requests():
+            self.step()
+        self._finish_inflight()
+
+    def _finish_inflight(self) -> list[RequestOutput]:
+        inflight, self._inflight = self._inflight, None
+        return self._process(inflight) if inflight is not None else []
+
+    def _legacy_warmup(self) -> None:
         """Compiles the step (one graph for every token count) and warms both launch paths (a
         prefill chunk, a one-token decode) before the first request.
 
@@ -183,7 +250,10 @@ class LLMEngine:
             raise InvalidParameterError("prompt", "this model has no tokenizer; pass token ids")
         return list(self.tokenizer(prompt, add_special_tokens=True).input_ids)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    final_only: bool = False) -> None:
+        """`final_only`: `step()` returns this request's output only once it has finished (what the
+        offline `LLM` needs); otherwise after every step that changed it (streaming)."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
@@ -219,7 +289,7 @@ class LLMEngine:
                     self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop or [], include_stop_str_in_output=params.include_stop_str_in_output)
             seqs.append(seq)
-        self._requests[request_id] = _Request(request_id, text, ids, params, seqs)
+        self._requests[request_id] = _Request(request_id, text, ids, params, seqs, final_only)
         for seq in seqs:
             self.scheduler.add(seq)
         self._prompt_tokens_total += len(ids) * len(seqs)
@@ -238,6 +308,94 @@ class LLMEngine:
 
     # ----------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        """One scheduler step. Asynchronous: launches this step, then returns the outputs of the
+        previous one (whose device work ran while this one was prepared)."""
+        if self.config.scheduling == "legacy":
+            return self._legacy_step()
+        outputs: list[RequestOutput] = []
+        sched = self.scheduler.schedule()
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None and sched.scheduled and any(
+                self._needs_host_tail(s.seq) for s in sched.scheduled if s.completes_prompt):
+            # Penalties, bias and min-tokens read the exact output so far: finish the step in flight.
+            outputs += self._process(inflight)
+            inflight = None
+            sched.scheduled = [s for s in sched.scheduled if not s.seq.status.finished]
+        if sched.scheduled:
+            launched = self._launch(sched)
+            if self.config.scheduling == "sync" and launched is not None:
+                outputs += self._process(launched)
+            else:
+                self._inflight = launched
+        if inflight is not None:
+            outputs += self._process(inflight)
+        return outputs
+
+    def _needs_host_tail(self, seq: Sequence) -> bool:
+        p = seq.params
+        return bool(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+                    or p.logit_bias or len(seq.output_token_ids) + seq.num_pending < p.min_tokens)
+
+    def _launch(self, sched: SchedulerOutput) -> InFlightStep | None:
+        now = time.monotonic()
+        for s in sched.scheduled:
+            if s.seq.first_scheduled_time is None:
+                s.seq.first_scheduled_time = now
+        self.batch.reconcile(self.scheduler.running)
+        plan = self.batch.plan(sched.scheduled, self.batch.sync(sched.scheduled))
+        seqs = [s.seq for s in sched.scheduled]
+        sampled = [seqs[i] for i in plan.sample_index.tolist()]
+        offsets = np.fromiter((len(q.output_token_ids) + q.num_pending for q in sampled), np.int64, len(sampled))
+        special = None
+        if any(self._needs_host_tail(q) for q in sampled):
+            special = TailInputs.build([self._tail_row(q) for q in sampled], self.model_config.vocab_size,
+                                       self.device)
+        asked = [q.params.logprobs for q in sampled if q.params.logprobs is not None]
+        step = self.step_runner.launch(plan, seqs, special, offsets, max(asked) if asked else None)
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self._computed_tokens_total += s.num_new_tokens
+        for q in sampled:
+            q.num_pending += 1
+            self.batch.add_placeholder(q)
+        return step
+
+    def _process(self, step: InFlightStep) -> list[RequestOutput]:
+        """Takes a finished step's sampled ids into the sequences: stop checks, text, outputs."""
+        step.wait()
+        token_ids = step.token_ids.tolist()
+        lp = [t.tolist() for t in step.logprobs] if step.logprobs is not None else None
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        for j, seq in enumerate(step.sampled_seqs):
+            seq.num_pending -= 1
+            if seq.status.finished:  # stopped by an earlier token, or aborted: this one is dropped
+                continue
+            if seq.params.logprobs is not None and lp is not None:
+                k = seq.params.logprobs
+                top_ids, top_vals = (lp[2][j][:k], lp[3][j][:k]) if len(lp) > 2 else ([], [])
+                seq.logprobs.append((lp[0][j], lp[1][j], top_ids, top_vals))
+                seq.cumulative_logprob += lp[0][j]
+            self._append_token(seq, token_ids[j], now)
+            self.batch.write_token(seq, token_ids[j])
+            req = self._requests.get(seq.request_id)
+            if req is not None:
+                touched[seq.request_id] = req
+        return self._outputs(touched.values())
+
+    def _outputs(self, requests) -> list[RequestOutput]:
+        outputs = []
+        for req in requests:
+            done = all(s.status.finished for s in req.seqs)
+            if req.final_only and not done:
+                continue
+            output = build_request_output(req, self.tokenizer)
+            outputs.append(output)
+            if output.finished:
+                del self._requests[req.request_id]
+        return outputs
+
+    def _legacy_step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
@@ -272,13 +430,7 @@ class LLMEngine:
                     seq.cumulative_logprob += lp[j]
                 self._append_token(seq, token_ids[j], now)
                 touched[seq.request_id] = self._requests[seq.request_id]
-        outputs = []
-        for req in touched.values():
-            output = build_request_output(req, self.tokenizer)
-            outputs.append(output)
-            if output.finished:
-                del self._requests[req.request_id]
-        return outputs
+        return self._outputs(touched.values())
 
     def _tail_row(self, seq: Sequence) -> TailRow:
         params = seq.params

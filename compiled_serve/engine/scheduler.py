@@ -5,6 +5,12 @@ computed yet (one for a decoding sequence, a chunk of the prompt for a prefillin
 the step's budget. Running sequences go first, in arrival order; waiting ones are admitted
 FCFS while blocks, budget and `max_num_seqs` allow. When blocks run out, the most recently
 admitted running sequence is preempted: its blocks are freed and it is recomputed later.
+
+Asynchronous scheduling: a step is scheduled while the previous one still runs, so a sequence
+may have a token in flight (`Sequence.num_pending`). It counts as a token to compute (its id
+reaches the step on the device). A sequence whose in-flight token is its last allowed one is
+not scheduled again: it finishes when that token comes back. A preempted sequence is not
+re-admitted while a token of it is in flight.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ class ScheduledSequence:
     @property
     def completes_prompt(self) -> bool:
         """True when this chunk reaches the sequence's last token, so the step samples for it."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens + self.seq.num_pending
 
 
 @dataclass
@@ -78,7 +84,10 @@ class Scheduler:
         queue = list(self.running)
         while queue and budget > 0:
             seq = queue.pop(0)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.num_pending and len(seq.output_token_ids) + seq.num_pending >= seq.max_output_tokens:
+                kept.append(seq)  # its last token is in flight: nothing left to compute
+                continue
+            num_new = min(seq.num_tokens + seq.num_pending - seq.num_computed_tokens, budget)
             while not bm.allocate_slots(seq, num_new):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
@@ -95,6 +104,8 @@ class Scheduler:
         # 2. Waiting sequences, FCFS, only if nothing was preempted (no thrashing).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted with a token in flight: admitted once it is back
             cached = bm.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
             num_cached = len(cached) * bm.block_size
             num_new = min(seq.num_tokens - seq.num_computed_tokens - num_cached, budget)

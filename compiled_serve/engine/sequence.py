@@ -40,6 +40,9 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # prompt + output, kept in step
     num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    # Tokens sampled by a step still on the device (asynchronous scheduling: 0 or 1). They are
+    # not in token_ids yet, but the scheduler counts them: the next step computes them.
+    num_pending: int = 0
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # one per full block of token_ids
     num_cached_tokens: int = -1  # prefix-cache hit on first schedule (-1: not scheduled yet)

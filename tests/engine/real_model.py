@@ -41,17 +41,20 @@ def reconfigure(engine: LLMEngine, *, num_blocks: int | None = None, max_num_bat
 
 
 class LogitsRecorder:
-    """Wraps the runner to keep every sampled row's logits, keyed by (request_id, step)."""
+    """Keeps every sampled row's raw logits, keyed by request id, in step order (either step path)."""
 
     def __init__(self, engine: LLMEngine):
         self.rows: dict[str, list[torch.Tensor]] = {}
         self._execute = engine.runner.execute
 
+        def record(seqs, logits):
+            for j, seq in enumerate(seqs):
+                self.rows.setdefault(seq.request_id, []).append(logits[j].clone())
+
         def execute(sched):
             logits, rows = self._execute(sched)
-            for j, i in enumerate(rows):
-                seq = sched.scheduled[i].seq
-                self.rows.setdefault(seq.request_id, []).append(logits[j].clone())
+            record([sched.scheduled[i].seq for i in rows], logits)
             return logits, rows
 
-        engine.runner.execute = execute
+        engine.runner.execute = execute  # the legacy path
+        engine.step_runner.on_logits = record

@@ -1,0 +1,193 @@
+"""The device half of a step: one host-to-device copy, the forward, the fused sampler, and an
+asynchronous copy of the sampled ids back, behind an event.
+
+`launch(plan, ...)` enqueues the whole step and returns at once with an `InFlightStep`; the
+engine prepares and launches the next step before it calls `InFlightStep.wait()`, so host work
+overlaps the device's. Per step:
+
+  1. one pinned buffer (int64 section, then int32 section) -> one non-blocking copy;
+  2. ids the host does not know yet (the previous step's samples) are filled on the device from
+     `next_tokens [rows]`, a persistent per-row tensor the sampler writes after every step;
+  3. the forward: a decode CUDA graph (buffers filled by device-to-device copies) or the
+     compiled dynamic step;
+  4. logits of the sampled rows, the compiled logits tail with per-row parameters gathered on the
+     device from the persistent batch's parameter table (re-uploaded only when a row changed);
+  5. `next_tokens[rows] = sampled`, then the sampled ids (and logprobs, when asked) are copied
+     into pinned host memory without blocking, and an event is recorded.
+
+No step calls `.tolist()`, `.item()` or a blocking copy; `InFlightStep.wait()` is the one place
+the host waits for the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from compiled_serve.engine.buckets import MIN_STEP_TOKENS, pick_bucket
+from compiled_serve.engine.model_runner import ModelRunner
+from compiled_serve.engine.persistent_batch import PersistentBatch, StepPlan
+from compiled_serve.engine.step_sampler import TailInputs, raw_logprobs
+from compiled_serve.kernels.forward_context import AttentionMetadata, forward_context
+
+
+@dataclass
+class InFlightStep:
+    """A launched step: what it sampled, still in (pinned) host buffers the device is filling."""
+
+    sampled_seqs: list  # Sequence per sampled row, in row order
+    token_ids: torch.Tensor  # [N] int64 host
+    logprobs: tuple[torch.Tensor, ...] | None  # host (logprob [N], rank [N], top ids [N, k], top values [N, k])
+    event: torch.cuda.Event | None
+
+    def wait(self) -> None:
+        """The step's one host sync: blocks until its sampled ids are in host memory."""
+        if self.event is not None:
+            self.event.synchronize()
+
+
+def _pack(int64_parts: list[np.ndarray], int32_parts: list[np.ndarray], pin: bool) -> torch.Tensor:
+    """One byte buffer: every int64 array, then every int32 array (8-byte aligned first)."""
+    a = np.concatenate([p.astype(np.int64, copy=False).ravel() for p in int64_parts]) if int64_parts else \
+        np.zeros(0, np.int64)
+    b = np.concatenate([p.astype(np.int32, copy=False).ravel() for p in int32_parts]) if int32_parts else \
+        np.zeros(0, np.int32)
+    host = torch.empty(a.nbytes + b.nbytes, dtype=torch.uint8, pin_memory=pin)
+    view = host.numpy()
+    view[: a.nbytes] = a.view(np.uint8)
+    view[a.nbytes :] = b.view(np.uint8)
+    return host
+
+
+def _split(buf: torch.Tensor, int64_sizes: list[int], int32_shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    n64 = sum(int64_sizes)
+    wide = buf[: n64 * 8].view(torch.int64)
+    out, at = [], 0
+    for size in int64_sizes:
+        out.append(wide[at : at + size])
+        at += size
+    narrow, at = buf[n64 * 8 :].view(torch.int32), 0
+    for shape in int32_shapes:
+        size = int(np.prod(shape))
+        out.append(narrow[at : at + size].view(shape))
+        at += size
+    return out
+
+
+class StepRunner:
+    """Runs steps on the model runner's compiled step and decode graphs (shared with it)."""
+
+    def __init__(self, runner: ModelRunner, logits_tail: Callable, batch: PersistentBatch):
+        self.runner = runner
+        self.model, self.step_fn, self.kv_caches = runner.model, runner.step_fn, runner.kv_caches
+        self.logits_tail = logits_tail
+        self.batch = batch
+        self.device = device = runner.device
+        self.pin = device.type == "cuda"
+        with torch.inference_mode():
+            self.next_tokens = torch.zeros(batch.max_rows, dtype=torch.int64, device=device)
+            self._params_f32 = torch.zeros(batch.sampling_floats.shape, dtype=torch.float32, device=device)
+            self._params_seed = torch.zeros(batch.max_rows, dtype=torch.int64, device=device)
+        self._params_version = -1
+        # Observer of every sampled step's raw logits (tests compare them with transformers).
+        self.on_logits: Callable[[list, torch.Tensor], None] | None = None
+
+    # ---------------------------------------------------------------- launch
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, scheduled_seqs: list, special_tail: TailInputs | None,
+               offsets: np.ndarray, num_logprobs: int | None) -> InFlightStep | None:
+        """Enqueues one step. `offsets`: Philox counter per sampled row (output length incl. in flight).
+        `special_tail`: tail inputs built on the host for rows with penalties, bias or suppression
+        (the engine drains in-flight steps first for those); None = gather from the row table."""
+        self._upload_params()
+        graphs = self.runner.decode_graphs
+        bucket = None
+        if graphs is not None and plan.is_decode:
+            bucket = pick_bucket(graphs.buckets, plan.num_seqs)
+            if bucket is not None and plan.block_tables.shape[1] > graphs.max_blocks_per_seq:
+                bucket = None
+        pad = (bucket - plan.num_tokens) if bucket is not None else max(0, MIN_STEP_TOKENS - plan.num_tokens)
+        ids, pos, slots = plan.input_ids, plan.positions, plan.slots
+        if pad:
+            # Padding tokens belong to no sequence: slot -1 writes no cache entry; rows never read.
+            z = np.zeros(pad, np.int64)
+            ids, pos, slots = np.concatenate([ids, z]), np.concatenate([pos, z]), np.concatenate([slots, z - 1])
+        if bucket is not None:  # the static layout: seq_lens [big] | query_start_loc [big + 1]
+            big, n = graphs.max_bucket, plan.num_seqs
+            meta = np.concatenate([plan.seq_lens, np.zeros(big - n, np.int64), plan.query_start_loc,
+                                   np.full(big - n, n, np.int64)])
+        else:
+            meta = np.concatenate([plan.seq_lens, plan.query_start_loc])
+        sample_rows = plan.rows[plan.sample_index]
+        int64 = [ids, pos, slots, plan.fill_index, plan.fill_rows, plan.logits_index, sample_rows, offsets]
+        tables = plan.block_tables
+        buf = _pack(int64, [meta, tables], self.pin).to(self.device, non_blocking=True)
+        (d_ids, d_pos, d_slots, d_fill, d_fill_rows, d_logits_idx, d_sample_rows, d_offsets, d_meta,
+         d_tables) = _split(buf, [len(p) for p in int64], [meta.shape, tables.shape])
+        if len(plan.fill_index):
+            d_ids[d_fill] = self.next_tokens[d_fill_rows]
+
+        if bucket is not None:
+            hidden = graphs.replay(bucket, d_ids, d_pos, d_slots, d_meta, d_tables)[: plan.num_tokens]
+            self.runner.num_graph_steps += 1
+        else:
+            s = plan.num_seqs
+            meta_obj = AttentionMetadata(
+                slot_mapping=d_slots, block_tables=d_tables, seq_lens=d_meta[:s], query_start_loc=d_meta[s:],
+                max_query_len=plan.max_query_len, max_seq_len=int(plan.seq_lens.max()), kv_caches=self.kv_caches,
+                seq_lens_host=plan.seq_lens.tolist() if not self.pin else None,
+                query_start_loc_host=plan.query_start_loc.tolist() if not self.pin else None,
+            )
+            with forward_context(meta_obj):
+                # Own tensors, not views of the packed buffer: aliased or offset inputs would give
+                # dynamo another graph.
+                hidden = self.step_fn(d_ids.clone(), d_pos.clone())[: plan.num_tokens]
+        if not len(plan.sample_index):
+            return None
+        rows = hidden if len(plan.sample_index) == plan.num_tokens else hidden[d_logits_idx]
+        logits = self.model.compute_logits(rows)  # [N, V] float32
+        seqs = [scheduled_seqs[i] for i in plan.sample_index.tolist()]
+        if self.on_logits is not None:
+            self.on_logits(seqs, logits)
+        if special_tail is not None:
+            args = special_tail.args
+            sampled, _ = self.logits_tail(special_tail.edit_logits(logits), *args)
+        else:
+            f = self._params_f32.index_select(1, d_sample_rows)  # [5, N]
+            seeds = self._params_seed.index_select(0, d_sample_rows)
+            args = (f[0], f[1].int(), f[2], f[3], seeds, d_offsets, f[4].bool()) + (None,) * 5
+            sampled, _ = self.logits_tail(logits, *args)
+        self.next_tokens.index_copy_(0, d_sample_rows, sampled)
+        token_ids = self._to_host(sampled)
+        lps = None
+        if num_logprobs is not None:  # of the raw logits, before bias and suppression, as vLLM gives them
+            out = raw_logprobs(logits, sampled, num_logprobs)
+            lps = tuple(self._to_host(t) for t in (out.logprobs, out.ranks, out.top_ids, out.top_values)
+                        if t is not None)
+        event = None
+        if self.pin:
+            event = torch.cuda.Event()
+            event.record()
+        return InFlightStep(seqs, token_ids, lps, event)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.pin:
+            return t.clone()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def _upload_params(self) -> None:
+        b = self.batch
+        if b.params_version == self._params_version:
+            return
+        floats = torch.from_numpy(b.sampling_floats.copy())
+        seeds = torch.from_numpy(b.seeds.copy())
+        if self.pin:
+            floats, seeds = floats.pin_memory(), seeds.pin_memory()
+        self._params_f32.copy_(floats, non_blocking=True)
+        self._params_seed.copy_(seeds, non_blocking=True)
+        self._params_version = b.params_version
