@@ -10,20 +10,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from compiled_serve.errors import InvalidParameterError
-from compiled_serve.outputs import CompletionOutput, RequestOutput
+from compiled_serve.outputs import CompletionOutput
 from compiled_serve.server.engine_loop import RequestStream
 from compiled_serve.server.params import COMPLETIONS_DEFAULT_MAX_TOKENS, build_sampling_params
 from compiled_serve.server.protocol import CompletionRequest
 from compiled_serve.server.state import ServerState, get_state, new_id
 from compiled_serve.server.streaming import (
-    SSE_DONE,
+    ChoiceDelta,
     SSEResponse,
     add_all,
     collect_final,
     finite,
-    merge_streams,
-    sse_event,
-    stream_error_event,
+    stream_choices,
     usage_of,
 )
 
@@ -100,54 +98,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     })
 
 
-async def _stream(body: CompletionRequest, model: str, request_id: str, streams: list[RequestStream],
-                  echoes: list[str]) -> AsyncIterator[str]:
-    created = int(time.time())
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    continuous = include_usage and body.stream_options is not None and body.stream_options.continuous_usage_stats
-    sent_text: dict[tuple[int, int], int] = {}
-    sent_tokens: dict[tuple[int, int], int] = {}
-    done: set[tuple[int, int]] = set()
-    latest: dict[int, RequestOutput] = {}
+def _stream(body: CompletionRequest, model: str, request_id: str, streams: list[RequestStream],
+            echoes: list[str]) -> AsyncIterator[str]:
+    def choice(delta: ChoiceDelta) -> dict[str, Any]:
+        echo = echoes[delta.stream_index]
+        return {"index": delta.stream_index * body.n + delta.completion.index,
+                "text": (echo if delta.first else "") + delta.text,
+                "logprobs": completion_logprobs(delta.completion, delta.token_start, len(echo) + delta.text_start)}
 
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        event: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created,
-                                 "model": model, "choices": choices}
-        if include_usage:
-            event["usage"] = usage
-        return sse_event(event)
-
-    try:
-        async for prompt_index, output in merge_streams(streams):
-            latest[prompt_index] = output
-            choices = []
-            for completion in output.outputs:
-                key = (prompt_index, completion.index)
-                if key in done:
-                    continue  # its finish_reason was already sent
-                first = key not in sent_text
-                text_start, token_start = sent_text.get(key, 0), sent_tokens.get(key, 0)
-                delta = completion.text[text_start:]
-                if first:
-                    delta = echoes[prompt_index] + delta
-                new_tokens = len(completion.token_ids) - token_start
-                if not delta and new_tokens <= 0 and not completion.finished:
-                    continue
-                offset = len(echoes[prompt_index]) + text_start
-                choices.append({
-                    "index": prompt_index * body.n + completion.index, "text": delta,
-                    "logprobs": completion_logprobs(completion, token_start, offset),
-                    "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
-                })
-                sent_text[key] = len(completion.text)
-                if completion.finished:
-                    done.add(key)
-                sent_tokens[key] = len(completion.token_ids)
-            if choices:
-                yield chunk(choices, usage_of(list(latest.values())) if continuous else None)
-        if include_usage:
-            yield chunk([], usage_of(list(latest.values())))
-        yield SSE_DONE
-    except Exception as exc:
-        yield stream_error_event(exc)
-        yield SSE_DONE
+    header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model}
+    return stream_choices(streams, header, body.stream_options, choice)

@@ -1,12 +1,14 @@
 """Plumbing shared by the generation endpoints: SSE responses, fan-in of several request
-streams, and non-streaming collection that aborts when the client goes away."""
+streams, cumulative outputs turned into per-choice deltas, and non-streaming collection that
+aborts when the client goes away."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -14,9 +16,10 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from compiled_serve.outputs import RequestOutput
+from compiled_serve.outputs import CompletionOutput, RequestOutput
 from compiled_serve.server.engine_loop import EngineLoop, RequestStream
 from compiled_serve.server.errors import APIError, error_body
+from compiled_serve.server.protocol import StreamOptions
 
 _DISCONNECT_POLL_S = 0.25
 _DONE = object()
@@ -168,3 +171,82 @@ def usage_of(finals: list[RequestOutput]) -> dict[str, Any]:
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": sum(final.num_cached_tokens for final in finals)},
     }
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice (a sample of one prompt's stream) gained since its previous event."""
+
+    stream_index: int  # which of the request's prompts
+    completion: CompletionOutput  # the cumulative output it came from
+    text: str  # the new text
+    text_start: int  # characters of completion.text sent before
+    token_start: int  # tokens of completion.token_ids sent before
+
+    @property
+    def first(self) -> bool:
+        return self.text_start == 0 and self.token_start == 0
+
+
+class DeltaTracker:
+    """Remembers how much of each choice was sent and turns cumulative outputs into deltas.
+
+    Relies on the engine's contract that a completion's text only grows (the detokenizer holds
+    back whatever a stop string could still cut), so `text[sent:]` is always the true delta."""
+
+    def __init__(self) -> None:
+        self._sent: dict[tuple[int, int], tuple[int, int]] = {}  # (stream, index) -> (chars, tokens)
+        self._done: set[tuple[int, int]] = set()
+
+    def deltas(self, stream_index: int, output: RequestOutput) -> list[ChoiceDelta]:
+        """The choices of `output` with new text, new tokens, or a finish not yet sent."""
+        moved = []
+        for completion in output.outputs:
+            key = (stream_index, completion.index)
+            if key in self._done:
+                continue  # its finish_reason was already sent
+            text_start, token_start = self._sent.get(key, (0, 0))
+            text = completion.text[text_start:]
+            if not text and len(completion.token_ids) <= token_start and not completion.finished:
+                continue
+            self._sent[key] = (len(completion.text), len(completion.token_ids))
+            if completion.finished:
+                self._done.add(key)
+            moved.append(ChoiceDelta(stream_index, completion, text, text_start, token_start))
+        return moved
+
+
+async def stream_choices(streams: list[RequestStream], header: dict[str, Any], options: StreamOptions | None,
+                         choice: Callable[[ChoiceDelta], dict[str, Any]],
+                         opening: list[dict[str, Any]] | None = None) -> AsyncIterator[str]:
+    """The SSE body of a generation endpoint: `header` fields (id, object, created, model) in
+    every event; first the `opening` choices, if any; then one event per progress with
+    `choice(delta)` plus finish_reason and stop_reason for each choice that moved; the usage
+    event when asked for; then [DONE]. An error after the response started is the last event."""
+    include_usage = options is not None and options.include_usage
+    continuous = include_usage and options is not None and options.continuous_usage_stats
+    tracker = DeltaTracker()
+    latest: dict[int, RequestOutput] = {}
+
+    def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        body = header | {"choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return sse_event(body)
+
+    try:
+        if opening:
+            yield event(opening)
+        async for stream_index, output in merge_streams(streams):
+            latest[stream_index] = output
+            choices = [choice(delta) | {"finish_reason": delta.completion.finish_reason,
+                                        "stop_reason": delta.completion.stop_reason}
+                       for delta in tracker.deltas(stream_index, output)]
+            if choices:
+                yield event(choices, usage_of(list(latest.values())) if continuous else None)
+        if include_usage:
+            yield event([], usage_of(list(latest.values())))
+        yield SSE_DONE
+    except Exception as exc:
+        yield stream_error_event(exc)
+        yield SSE_DONE
