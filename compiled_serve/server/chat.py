@@ -18,19 +18,18 @@ from compiled_serve.server.params import build_sampling_params
 from compiled_serve.server.protocol import ChatCompletionRequest, ChatMessage
 from compiled_serve.server.state import ServerState, get_state, new_id
 from compiled_serve.server.streaming import (
-    SSE_DONE,
+    ChoiceDelta,
     SSEResponse,
     add_all,
     collect_final,
     finite,
-    merge_streams,
-    sse_event,
-    stream_error_event,
+    stream_choices,
     usage_of,
 )
 
 router = APIRouter()
 _INLINE_RENDER_CHARS = 32_768
+_RENDER_ARGUMENTS = frozenset({"chat_template", "bos_token", "eos_token"})
 
 
 def render_chat_prompt(state: ServerState, messages: list[ChatMessage], *, add_generation_prompt: bool,
@@ -52,6 +51,10 @@ def render_chat_prompt(state: ServerState, messages: list[ChatMessage], *, add_g
     conversation = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
                     for m in messages]
     kwargs = dict(template_kwargs or {})
+    # Names render_chat takes itself: passed again they would be a TypeError, blamed on the template.
+    clash = sorted(_RENDER_ARGUMENTS & kwargs.keys())
+    if clash:
+        raise InvalidParameterError("chat_template_kwargs", f"{clash[0]!r} cannot be set by a caller")
     try:
         text = render_chat(conversation, template, add_generation_prompt=add_generation_prompt,
                            bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "", **kwargs)
@@ -128,52 +131,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     })
 
 
-async def _stream(body: ChatCompletionRequest, model: str, request_id: str, streams: list[RequestStream],
-                  top: int) -> AsyncIterator[str]:
-    created = int(time.time())
-    options = body.stream_options
-    include_usage = options is not None and options.include_usage
-    continuous = include_usage and options is not None and options.continuous_usage_stats
-    sent_text: dict[int, int] = {}
-    sent_tokens: dict[int, int] = {}
-    done: set[int] = set()
-    last = None
+def _stream(body: ChatCompletionRequest, model: str, request_id: str, streams: list[RequestStream],
+            top: int) -> AsyncIterator[str]:
+    def choice(delta: ChoiceDelta) -> dict[str, Any]:
+        return {"index": delta.completion.index, "delta": {"content": delta.text} if delta.text else {},
+                "logprobs": chat_logprobs(delta.completion, delta.token_start, top)}
 
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        event: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                                 "model": model, "choices": choices}
-        if include_usage:
-            event["usage"] = usage
-        return sse_event(event)
-
-    try:
-        # The role arrives first, for every choice, as OpenAI does.
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(body.n)])
-        async for _, output in merge_streams(streams):
-            last = output
-            choices = []
-            for completion in output.outputs:
-                index = completion.index
-                if index in done:
-                    continue
-                text_start, token_start = sent_text.get(index, 0), sent_tokens.get(index, 0)
-                delta = completion.text[text_start:]
-                if not delta and len(completion.token_ids) <= token_start and not completion.finished:
-                    continue
-                choices.append({
-                    "index": index, "delta": {"content": delta} if delta else {},
-                    "logprobs": chat_logprobs(completion, token_start, top),
-                    "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
-                })
-                sent_text[index], sent_tokens[index] = len(completion.text), len(completion.token_ids)
-                if completion.finished:
-                    done.add(index)
-            if choices:
-                yield chunk(choices, usage_of([output]) if continuous else None)
-        if include_usage and last is not None:
-            yield chunk([], usage_of([last]))
-        yield SSE_DONE
-    except Exception as exc:
-        yield stream_error_event(exc)
-        yield SSE_DONE
+    header = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+    # The role arrives first, for every choice, as OpenAI does.
+    opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+               for i in range(body.n)]
+    return stream_choices(streams, header, body.stream_options, choice, opening)

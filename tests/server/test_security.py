@@ -183,6 +183,11 @@ def test_too_many_or_too_large_headers(http: httpx.Client, live: LiveServer) -> 
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"properties": 3}}}},
      "response_format.json_schema.schema"),
     ({"guided_json": {"type": "object", "required": "a"}}, "guided_json"),
+    # Keywords a hand-written shape check easily misses; the 2020-12 metaschema catches them.
+    ({"guided_json": {"type": "array", "uniqueItems": "yes"}}, "guided_json"),
+    ({"guided_json": {"dependentRequired": {"a": "b"}}}, "guided_json"),
+    ({"guided_json": {"$ref": 5, "format": 3}}, "guided_json"),
+    ({"guided_json": "3"}, "guided_json"),
     ({"guided_json": "{not json"}, "guided_json"),
     ({"guided_regex": "(unclosed"}, "guided_regex"),
     ({"guided_regex": "a{2,1}"}, "guided_regex"),
@@ -220,11 +225,15 @@ def test_request_chat_template_is_sandboxed(http: httpx.Client, template: str) -
 
 
 def test_chat_template_kwargs_cannot_enable_tokenization_or_files(http: httpx.Client) -> None:
+    plain = http.post("/v1/chat/completions", json=OK_CHAT).json()["usage"]["prompt_tokens"]
     for kwargs in ({"tokenize": True}, {"return_dict": True}, {"chat_template": "{{ 7 * 7 }}"},
                    {"documents": [{"path": "/etc/passwd"}]}):
         response = http.post("/v1/chat/completions", json=OK_CHAT | {"chat_template_kwargs": kwargs})
-        assert response.status_code in (200, 400), response.text
-        assert "root:" not in response.text and "49" not in response.json().get("error", {}).get("message", "")
+        assert "root:" not in response.text
+        if response.status_code == 200:  # accepted as a plain variable: the prompt is the usual one
+            assert response.json()["usage"]["prompt_tokens"] == plain, kwargs
+        else:
+            assert_error(response, 400, "chat_template_kwargs")
     assert_still_serves(http)
 
 

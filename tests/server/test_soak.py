@@ -24,27 +24,49 @@ def live(engine):
 
 
 def _body(i: int) -> tuple[str, dict[str, Any]]:
+    # Logprobs give one entry per streamed token, so the usage can be checked against the deltas.
     common = {"max_tokens": MAX_TOKENS, "temperature": 0.8, "seed": i, "stream": True,
               "stream_options": {"include_usage": True}}
     if i % 2:
-        return "/v1/chat/completions", common | {"messages": [{"role": "user", "content": f"Count to {i}."}]}
-    return "/v1/completions", common | {"prompt": f"Client {i} says: the weather today is", "n": 1 + i % 3}
+        return "/v1/chat/completions", common | {"messages": [{"role": "user", "content": f"Count to {i}."}],
+                                                 "logprobs": True}
+    return "/v1/completions", common | {"prompt": f"Client {i} says: the weather today is", "n": 1 + i % 3,
+                                        "logprobs": 0}
 
 
 def _check_stream(path: str, body: dict[str, Any], lines: list[str]) -> None:
+    """A completed stream: every choice streams text and tokens, finishes once with the reason its
+    token count implies, and the final usage counts exactly the tokens that were streamed."""
     assert lines[-1] == "data: [DONE]"
     events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert all("error" not in e for e in events), events
-    usage = events[-1]["usage"]
-    assert events[-1]["choices"] == [] and usage["completion_tokens"] > 0
+    *progress, last = events
+    chat = path == "/v1/chat/completions"
+    if chat:  # the role comes first, alone
+        assert progress.pop(0)["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}]
     n = body.get("n", 1)
-    finish = {c["index"]: c["finish_reason"] for e in events[:-1] for c in e["choices"] if c["finish_reason"]}
-    assert sorted(finish) == list(range(n)) and set(finish.values()) <= {"stop", "length"}
-    if path == "/v1/completions":
-        text = "".join(c["text"] for e in events[:-1] for c in e["choices"])
-        assert usage["completion_tokens"] <= n * MAX_TOKENS and isinstance(text, str)
-    else:
-        assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    texts, tokens, finish = [""] * n, [0] * n, {}
+    for event in progress:
+        for choice in event["choices"]:
+            index = choice["index"]
+            assert index not in finish, "an event after the choice's finish_reason"
+            texts[index] += (choice["delta"].get("content") or "") if chat else choice["text"]
+            logprobs = choice["logprobs"]
+            tokens[index] += len(logprobs["content"] if chat else logprobs["tokens"])
+            if choice["finish_reason"] is not None:
+                finish[index] = choice["finish_reason"]
+    assert sorted(finish) == list(range(n))
+    for index in range(n):
+        if finish[index] == "length":
+            assert tokens[index] == MAX_TOKENS
+        else:  # EOS: counted as a token, shown as no text
+            assert finish[index] == "stop" and 1 <= tokens[index] <= MAX_TOKENS
+        assert texts[index] or tokens[index] == 1, (index, texts, tokens)  # only an immediate EOS is empty
+    usage = last["usage"]
+    assert last["choices"] == []
+    assert usage["completion_tokens"] == sum(tokens), (usage, tokens)
+    assert usage["prompt_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + sum(tokens)
 
 
 async def _client(i: int, client: httpx.AsyncClient) -> str:
