@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from compiled_serve.server.errors import error_response
@@ -50,6 +49,16 @@ class HeaderLimits:
         await self.app(scope, receive, send)
 
 
+def routed_path(scope: Scope) -> str:
+    """The path the router matches on. In ASGI, scope["path"] includes the mount prefix
+    scope["root_path"]; the router strips that prefix, but only at a segment boundary."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :]
+    return path
+
+
 def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
 
@@ -78,7 +87,7 @@ class ApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            exempt = get_route_path(scope) in UNAUTHENTICATED_PATHS and scope.get("method") in ("GET", "HEAD")
+            exempt = routed_path(scope) in UNAUTHENTICATED_PATHS and scope.get("method") in ("GET", "HEAD")
             if not exempt and not self._authorized(scope):
                 response = error_response(401, "Invalid or missing API key (use 'Authorization: Bearer <key>').",
                                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
