@@ -9,78 +9,34 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, NoReturn
+
+import jsonschema
 
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.server.protocol import SamplingFields
 
-_TYPES = {"null", "boolean", "object", "array", "number", "string", "integer"}
-_SCHEMA_KEYWORDS = ("additionalProperties", "items", "not", "if", "then", "else", "contains",
-                    "propertyNames", "unevaluatedItems", "unevaluatedProperties", "additionalItems")
-_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_NON_NEGATIVE_INTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
-_NUMBERS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
-_MAX_DEPTH = 64
+_MAX_MESSAGE_CHARS = 200
 
 
-def _fail(field: str, message: str) -> None:
+def _fail(field: str, message: str) -> NoReturn:
     raise InvalidParameterError(field, message)
 
 
-def check_json_schema(schema: Any, field: str, depth: int = 0) -> None:
-    """Structural JSON Schema (2020-12) check of the keywords whose shape is fixed."""
-    if depth > _MAX_DEPTH:
+def check_json_schema(schema: Any, field: str) -> None:
+    """Checks the schema against its draft's metaschema (2020-12 unless `$schema` names
+    another), formats included (a `pattern` must be a regex)."""
+    validator = jsonschema.Draft202012Validator
+    if isinstance(schema, dict):  # validator_for reads `$schema`; any other value is refused below
+        validator = jsonschema.validators.validator_for(schema, default=validator)
+    try:
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = exc.json_path if exc.json_path != "$" else "the schema"
+        message = exc.message if len(exc.message) <= _MAX_MESSAGE_CHARS else exc.message[:_MAX_MESSAGE_CHARS] + "..."
+        _fail(field, f"not a valid JSON schema: {message} (at {where})")
+    except RecursionError:
         _fail(field, "JSON schema is nested too deeply")
-    if isinstance(schema, bool):
-        return
-    if not isinstance(schema, dict):
-        _fail(field, "a JSON schema must be an object or a boolean")
-    kind = schema.get("type")
-    if kind is not None:
-        kinds = kind if isinstance(kind, list) else [kind]
-        if not kinds or not all(isinstance(k, str) and k in _TYPES for k in kinds):
-            _fail(field, f"'type' must be one of {sorted(_TYPES)} or a list of them")
-    for key in _SCHEMA_KEYWORDS:
-        if key in schema:
-            value = schema[key]
-            if key == "items" and isinstance(value, list):  # draft-07 tuple form
-                for item in value:
-                    check_json_schema(item, field, depth + 1)
-            else:
-                check_json_schema(value, field, depth + 1)
-    for key in _SCHEMA_LISTS:
-        if key in schema:
-            if not isinstance(schema[key], list) or not schema[key]:
-                _fail(field, f"'{key}' must be a non-empty array of schemas")
-            for item in schema[key]:
-                check_json_schema(item, field, depth + 1)
-    for key in _SCHEMA_MAPS:
-        if key in schema:
-            if not isinstance(schema[key], dict):
-                _fail(field, f"'{key}' must be an object mapping names to schemas")
-            for sub in schema[key].values():
-                check_json_schema(sub, field, depth + 1)
-    if "required" in schema:
-        required = schema["required"]
-        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-            _fail(field, "'required' must be an array of strings")
-    if "enum" in schema and not isinstance(schema["enum"], list):
-        _fail(field, "'enum' must be an array")
-    for key in _NON_NEGATIVE_INTS:
-        if key in schema:
-            value = schema[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                _fail(field, f"'{key}' must be a non-negative integer")
-    for key in _NUMBERS:
-        if key in schema:
-            value = schema[key]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                _fail(field, f"'{key}' must be a number")
-    if "multipleOf" in schema and not schema["multipleOf"] > 0:
-        _fail(field, "'multipleOf' must be > 0")
-    if "pattern" in schema:
-        check_regex(schema["pattern"], field)
 
 
 def check_regex(pattern: Any, field: str) -> None:
