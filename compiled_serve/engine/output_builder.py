@@ -28,6 +28,7 @@ def _logprobs(seq: Any, tokenizer: Any) -> list[dict[int, Logprob]] | None:
 def build_request_output(req: Any, tokenizer: Any) -> RequestOutput:
     outputs = []
     for seq in req.seqs:
+        # Only text no stop string can still cut: from one output to the next it only grows.
         text = seq.detokenizer.output_text if seq.detokenizer is not None else ""
         finish = seq.status.value if seq.status.finished else None
         outputs.append(CompletionOutput(
