@@ -27,7 +27,8 @@ def check_json_schema(schema: Any, field: str) -> None:
     """Checks the schema against its draft's metaschema (2020-12 unless `$schema` names
     another), formats included (a `pattern` must be a regex)."""
     validator = jsonschema.Draft202012Validator
-    if isinstance(schema, dict):  # validator_for reads `$schema`; any other value is refused below
+    # validator_for needs a string `$schema`; the 2020-12 metaschema refuses anything else below.
+    if isinstance(schema, dict) and isinstance(schema.get("$schema", ""), str):
         validator = jsonschema.validators.validator_for(schema, default=validator)
     try:
         validator.check_schema(schema)
