@@ -40,7 +40,20 @@ def main() -> None:
     wl = WORKLOADS[args.workload]
     settings = dict(ENGINE_DEFAULTS)
     settings["scheduling"] = args.scheduling
+    compiles: list[tuple[str, str]] = []  # (phase, kernel key) of every Triton compile
+    phase = {"now": "startup"}
+    try:
+        import triton
+
+        def on_compile(*a, **k):
+            fn = k.get("fn")
+            compiles.append((phase["now"], f"{getattr(fn, 'name', fn)}: {str(k.get('key', ''))[:1500]}"))
+
+        triton.knobs.runtime.jit_post_compile_hook = on_compile
+    except Exception as err:  # noqa: BLE001
+        compiles.append(("none", f"(no triton hook: {err})"))
     llm, ready_s = start_llm(wl.model, settings)
+    phase["now"] = "after-ready"
     engine = llm.llm_engine
     requests = draw_requests(wl, engine.model_config.vocab_size)
     prompts, outs = requests.prompts, requests.output_lens
@@ -84,7 +97,27 @@ def main() -> None:
         original_wait(self)
         waits.append((time.perf_counter() - t0) * 1e3)
 
-    engine._launch = timed_launch
+    # What compiles after ready (there should be nothing): Triton kernels and dynamo frames.
+    from torch._dynamo.utils import counters
+
+    frames_before = dict(counters["frames"])
+    mixed_prof: dict = {"left": 3 if torch.cuda.is_available() else 0, "prof": None}
+    original_timed = timed_launch
+
+    def launch_with_mixed_profile(sched):
+        is_mixed = sched.num_tokens != len(sched.scheduled)
+        if is_mixed and mixed_prof["left"] > 0 and len(launches) > 5 and prof_state["prof"] is None:
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                result = original_timed(sched)
+                torch.cuda.synchronize()
+            mixed_prof["left"] -= 1
+            mixed_prof["prof"] = prof
+            return result
+        return original_timed(sched)
+
+    engine._launch = launch_with_mixed_profile
     step_runner.InFlightStep.wait = timed_wait
     params = sampling_params(outs)
     start = time.perf_counter()
@@ -99,6 +132,9 @@ def main() -> None:
         lm = [ms for k, _, _, ms in launches if k == kind]
         by_kind[kind] = {"steps": len(lm), "interval_ms_p50": _pct(iv, 0.5), "interval_ms_p90": _pct(iv, 0.9),
                          "launch_host_ms_p50": _pct(lm, 0.5), "launch_host_ms_p90": _pct(lm, 0.9)}
+    frames_after = dict(counters["frames"])
+    compiled_after_ready = [key for ph, key in compiles if ph == "after-ready"]
+    startup_attention = [key for ph, key in compiles if ph == "startup" and "paged_attention" in key]
     record = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": time.strftime("%Y-%m-%d"), "workload": wl.id, "scheduling": args.scheduling,
@@ -106,6 +142,8 @@ def main() -> None:
         "steps": len(launches), "wait_ms_p50": _pct(waits, 0.5), "wait_ms_total": sum(waits),
         "launch_ms_total": sum(ms for *_, ms in launches), "by_kind": by_kind,
         "compile_seconds": engine.compile_seconds, "startup": engine.startup_report(),
+        "compiled_after_ready": compiled_after_ready, "startup_attention_compiles": startup_attention,
+        "dynamo_frames_after_ready": {k: frames_after.get(k, 0) - frames_before.get(k, 0) for k in frames_after},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +154,11 @@ def main() -> None:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         (out / f"{name}-kernels.txt").write_text(table)
         print(table[:6000])
+    if mixed_prof["prof"] is not None:
+        table = mixed_prof["prof"].key_averages().table(sort_by="cpu_time_total", row_limit=30)
+        (out / f"{name}-mixed-cpu.txt").write_text(table)
+        print(table[:5000])
+    print("compiled after ready:", compiled_after_ready[:20], record["dynamo_frames_after_ready"])
     print(json.dumps({k: record[k] for k in ("workload", "scheduling", "ready_s", "out_tok_s", "steps",
                                              "wait_ms_p50", "wait_ms_total", "launch_ms_total")}))
     print(json.dumps(by_kind))

@@ -21,6 +21,7 @@ import torch
 from compiled_serve.engine.buckets import MIN_STEP_TOKENS
 from compiled_serve.engine.cuda_graphs import DecodeGraphs
 from compiled_serve.engine.host_copy import to_device
+from compiled_serve.engine.persistent_batch import round_up_width
 from compiled_serve.engine.scheduler import SchedulerOutput
 from compiled_serve.kernels.forward_context import AttentionMetadata, forward_context
 
@@ -44,7 +45,7 @@ class ModelRunner:
         progress: Callable[[int], None] | None = None,
     ) -> DecodeGraphs:
         """Set up the static decode path; `capture=False` (or CPU) runs it without graphs."""
-        max_blocks = -(-max_model_len // self.block_size)
+        max_blocks = round_up_width(-(-max_model_len // self.block_size))
         graphs = DecodeGraphs(self.step_fn, self.kv_caches, buckets, max_blocks, max_model_len, self.device,
                               capture=capture)
         graphs.capture_all(progress)

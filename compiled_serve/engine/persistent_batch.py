@@ -25,6 +25,9 @@ from compiled_serve.engine.scheduler import ScheduledSequence
 from compiled_serve.engine.sequence import Sequence
 
 PLACEHOLDER = -1  # a token sampled by a step still on the device
+# Block-table widths are multiples of this: the attention kernel is specialised on the table's
+# row stride (== 1, divisible by 16, other), and a width that changed class would compile anew.
+TABLE_WIDTH_MULTIPLE = 16
 
 
 class PersistentBatch:
@@ -34,7 +37,7 @@ class PersistentBatch:
     def __init__(self, max_rows: int, max_model_len: int, block_size: int):
         self.max_rows = max_rows
         self.block_size = block_size
-        self.max_blocks = -(-max_model_len // block_size)
+        self.max_blocks = round_up_width(-(-max_model_len // block_size))
         # int32 token ids, allocated lazily by the OS (np.zeros): only touched pages are resident.
         self.token_ids = np.zeros((max_rows, max_model_len), dtype=np.int32)
         self.block_table = np.zeros((max_rows, self.max_blocks), dtype=np.int32)
@@ -117,7 +120,7 @@ class PersistentBatch:
         slots = self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = starts + counts
         fill = np.flatnonzero(input_ids == PLACEHOLDER)  # tokens whose id is still on the device
-        width = int(max(1, -(-int(seq_lens.max()) // bs))) if num_seqs else 1
+        width = round_up_width(-(-int(seq_lens.max()) // bs) if num_seqs else 1)
         return StepPlan(
             rows=rows, input_ids=input_ids, positions=positions, slots=slots, seq_lens=seq_lens,
             query_start_loc=qsl, block_tables=self.block_table[rows, :width],
@@ -156,3 +159,12 @@ class StepPlan:
     def logits_index(self) -> np.ndarray:
         """Token row of each sampled sequence: its chunk's last token."""
         return self.query_start_loc[1:][self.sample_index] - 1
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def round_up_width(num_blocks: int) -> int:
+    """A block-table width the attention kernel always sees in the same specialisation class."""
+    return _round_up(num_blocks, TABLE_WIDTH_MULTIPLE)

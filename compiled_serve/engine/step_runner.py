@@ -49,31 +49,32 @@ class InFlightStep:
             self.event.synchronize()
 
 
-def _pack(int64_parts: list[np.ndarray], int32_parts: list[np.ndarray], pin: bool) -> torch.Tensor:
-    """One byte buffer: every int64 array, then every int32 array (8-byte aligned first)."""
-    a = np.concatenate([p.astype(np.int64, copy=False).ravel() for p in int64_parts]) if int64_parts else \
-        np.zeros(0, np.int64)
-    b = np.concatenate([p.astype(np.int32, copy=False).ravel() for p in int32_parts]) if int32_parts else \
-        np.zeros(0, np.int32)
-    host = torch.empty(a.nbytes + b.nbytes, dtype=torch.uint8, pin_memory=pin)
-    view = host.numpy()
-    view[: a.nbytes] = a.view(np.uint8)
-    view[a.nbytes :] = b.view(np.uint8)
+ALIGN = 16  # bytes: Triton specialises pointer arguments on 16-byte alignment
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _pack(parts: list[np.ndarray], pin: bool) -> torch.Tensor:
+    """One byte buffer holding every array, each starting on a 16-byte boundary, so a view of
+    any part has the same alignment every step (a kernel never sees a new specialisation)."""
+    total = sum(_aligned(p.nbytes) for p in parts)
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    view, at = host.numpy(), 0
+    for p in parts:
+        view[at : at + p.nbytes] = np.ascontiguousarray(p).view(np.uint8).ravel()
+        at += _aligned(p.nbytes)
     return host
 
 
-def _split(buf: torch.Tensor, int64_sizes: list[int], int32_shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
-    n64 = sum(int64_sizes)
-    wide = buf[: n64 * 8].view(torch.int64)
+def _unpack(buf: torch.Tensor, parts: list[np.ndarray]) -> list[torch.Tensor]:
+    """Device views of `_pack`'s parts, with their shapes and dtypes."""
     out, at = [], 0
-    for size in int64_sizes:
-        out.append(wide[at : at + size])
-        at += size
-    narrow, at = buf[n64 * 8 :].view(torch.int32), 0
-    for shape in int32_shapes:
-        size = int(np.prod(shape))
-        out.append(narrow[at : at + size].view(shape))
-        at += size
+    for p in parts:
+        dtype = torch.int64 if p.dtype == np.int64 else torch.int32
+        out.append(buf[at : at + p.nbytes].view(dtype).view(p.shape))
+        at += _aligned(p.nbytes)
     return out
 
 
@@ -89,7 +90,9 @@ class StepRunner:
         self.pin = device.type == "cuda"
         with torch.inference_mode():
             self.next_tokens = torch.zeros(batch.max_rows, dtype=torch.int64, device=device)
-            self._params_f32 = torch.zeros(batch.sampling_floats.shape, dtype=torch.float32, device=device)
+            # One tensor per parameter: each gather is a fresh (aligned) allocation.
+            self._params = [torch.zeros(batch.max_rows, dtype=torch.float32, device=device)
+                            for _ in batch.FLOAT_FIELDS]
             self._params_seed = torch.zeros(batch.max_rows, dtype=torch.int64, device=device)
         self._params_version = -1
         # Observer of every sampled step's raw logits (tests compare them with transformers).
@@ -122,11 +125,11 @@ class StepRunner:
         else:
             meta = np.concatenate([plan.seq_lens, plan.query_start_loc])
         sample_rows = plan.rows[plan.sample_index]
-        int64 = [ids, pos, slots, plan.fill_index, plan.fill_rows, plan.logits_index, sample_rows, offsets]
-        tables = plan.block_tables
-        buf = _pack(int64, [meta, tables], self.pin).to(self.device, non_blocking=True)
+        parts = [ids, pos, slots, plan.fill_index, plan.fill_rows, plan.logits_index, sample_rows,
+                 offsets.astype(np.int64), meta.astype(np.int32), plan.block_tables]
+        buf = _pack(parts, self.pin).to(self.device, non_blocking=True)
         (d_ids, d_pos, d_slots, d_fill, d_fill_rows, d_logits_idx, d_sample_rows, d_offsets, d_meta,
-         d_tables) = _split(buf, [len(p) for p in int64], [meta.shape, tables.shape])
+         d_tables) = _unpack(buf, parts)
         if len(plan.fill_index):
             d_ids[d_fill] = self.next_tokens[d_fill_rows]
 
@@ -153,12 +156,13 @@ class StepRunner:
         if self.on_logits is not None:
             self.on_logits(seqs, logits)
         if special_tail is not None:
-            args = special_tail.args
+            # Own allocations: views into one packed buffer change alignment with the row count.
+            args = tuple(a.clone() if a is not None else None for a in special_tail.args)
             sampled, _ = self.logits_tail(special_tail.edit_logits(logits), *args)
         else:
-            f = self._params_f32.index_select(1, d_sample_rows)  # [5, N]
+            temperature, top_k, top_p, min_p, greedy = (t.index_select(0, d_sample_rows) for t in self._params)
             seeds = self._params_seed.index_select(0, d_sample_rows)
-            args = (f[0], f[1].int(), f[2], f[3], seeds, d_offsets, f[4].bool()) + (None,) * 5
+            args = (temperature, top_k.int(), top_p, min_p, seeds, d_offsets, greedy.bool()) + (None,) * 5
             sampled, _ = self.logits_tail(logits, *args)
         self.next_tokens.index_copy_(0, d_sample_rows, sampled)
         token_ids = self._to_host(sampled)
@@ -184,10 +188,14 @@ class StepRunner:
         b = self.batch
         if b.params_version == self._params_version:
             return
-        floats = torch.from_numpy(b.sampling_floats.copy())
-        seeds = torch.from_numpy(b.seeds.copy())
-        if self.pin:
-            floats, seeds = floats.pin_memory(), seeds.pin_memory()
-        self._params_f32.copy_(floats, non_blocking=True)
+        # One pinned staging buffer (pin_memory() per tensor asks the driver about every pointer:
+        # ~0.4 ms a call), then one copy per parameter tensor.
+        n = b.max_rows
+        floats = torch.empty((len(self._params), n), dtype=torch.float32, pin_memory=self.pin)
+        seeds = torch.empty(n, dtype=torch.int64, pin_memory=self.pin)
+        floats.numpy()[:] = b.sampling_floats
+        seeds.numpy()[:] = b.seeds
+        for i, dst in enumerate(self._params):
+            dst.copy_(floats[i], non_blocking=True)
         self._params_seed.copy_(seeds, non_blocking=True)
         self._params_version = b.params_version
