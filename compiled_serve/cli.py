@@ -1,20 +1,30 @@
 """`compiled-serve` command line. Defaults come from the config dataclasses' fields.
 
-    compiled-serve serve [--model M] [--host 127.0.0.1] [--port 8000] [--api-key K] ...
+    compiled-serve serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key K] ...
+    compiled-serve chat [MODEL] [--max-tokens N] [--temperature T] [--system TEXT]
+    compiled-serve compile [MODEL] --build-dir DIR
+    compiled-serve bench {throughput,latency,serve,report}
+    compiled-serve --version
+
+Parsing imports neither torch nor FastAPI (`--help` stays fast); each command imports what it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from compiled_serve.cli_flags import add_fields, add_positional_model, flag
 from compiled_serve.config import EngineConfig
 from compiled_serve.errors import CompiledServeError
 from compiled_serve.server.config import ServerConfig
+
+logger = logging.getLogger("compiled_serve.cli")
 
 # EngineConfig fields exposed on the command line, with their types (None-default fields need one).
 _ENGINE_FLAGS: dict[str, type] = {
@@ -28,38 +38,65 @@ _SERVER_FLAGS: dict[str, type] = {
     "max_request_body_bytes": int, "max_header_count": int, "max_header_bytes": int,
     "max_total_header_bytes": int, "chat_template_file": str, "shutdown_timeout_s": float,
 }
-_RENAMED = {"chat_template_file": "--chat-template"}
+_LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
-def _flag(name: str) -> str:
-    return _RENAMED.get(name, "--" + name.replace("_", "-"))
+def version() -> str:
+    try:
+        return importlib.metadata.version("compiled-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
-def _add_fields(parser: argparse.ArgumentParser, flags: dict[str, type], defaults: dict[str, object]) -> None:
-    for name, kind in flags.items():
-        default = defaults[name]
-        parser.add_argument(_flag(name), dest=name, type=kind, default=default,
-                            help=f"(default: {default!r})" if name != "api_key" else "(default: none)")
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    engine_defaults = EngineConfig.field_defaults()
+    add_positional_model(parser)
+    add_fields(parser, _ENGINE_FLAGS, engine_defaults)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=engine_defaults["enable_prefix_caching"],
+                        help="reuse the KV cache of a shared prompt prefix across requests")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs for decode steps (CUDA only; CPU never uses them)")
+    parser.add_argument("--log-level", default="info", choices=_LOG_LEVELS,
+                        help="least severe log lines shown, on stderr (default: info)")
+    from compiled_serve.build.command import add_pass_flags
+
+    add_pass_flags(parser)
+
+
+def _add_serve_parser(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (loopback by default)")
+    _add_engine_flags(serve)
+    add_fields(serve, _SERVER_FLAGS, ServerConfig.field_defaults())
+    serve.add_argument("--served-model-name", dest="served_model_names", nargs="+", default=None,
+                       help="names the model answers to in requests and /v1/models; "
+                            "none: the model's file or directory name")
+    serve.add_argument("--allow-request-chat-template", action="store_true",
+                       help="let requests supply their own (sandboxed) chat template (default: off)")
+
+
+def _add_chat_parser(commands: Any) -> None:
+    from compiled_serve.sampling_params import SamplingParams
+
+    chat = commands.add_parser("chat", help="chat with a model in the terminal (in-process; stdin may be piped)")
+    _add_engine_flags(chat)
+    chat.add_argument("--chat-template", dest="chat_template_file", default=None,
+                      help="a Jinja chat-template file used instead of the model's own; none: the model's own")
+    chat.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens (default: 512)")
+    chat.add_argument("--temperature", type=float, default=SamplingParams.temperature,
+                      help=f"sampling temperature; 0: greedy (default: {SamplingParams.temperature})")
+    chat.add_argument("--system", default=None, help="a system message opening the conversation; none: no system "
+                                                     "message")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compiled-serve", description="An LLM engine built on a graph compiler.")
+    parser.add_argument("--version", action="version", version=f"compiled-serve {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (loopback by default)")
-    engine_defaults = EngineConfig.field_defaults()
-    _add_fields(serve, _ENGINE_FLAGS, engine_defaults)
-    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                       default=engine_defaults["enable_prefix_caching"])
-    _add_fields(serve, _SERVER_FLAGS, ServerConfig.field_defaults())
-    serve.add_argument("--served-model-name", dest="served_model_names", nargs="+", default=None,
-                       help="names the model answers to (default: the model's name)")
-    serve.add_argument("--allow-request-chat-template", action="store_true",
-                       help="let requests supply their own (sandboxed) chat template")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    from compiled_serve.build.command import add_compile_parser, add_pass_flags
+    _add_serve_parser(commands)
+    _add_chat_parser(commands)
+    from compiled_serve.build.command import add_compile_parser
 
-    add_pass_flags(serve)
     add_compile_parser(commands)
     from compiled_serve.bench.cli import add_bench_parser
 
@@ -67,32 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
-    engine = EngineConfig(**{name: getattr(args, name) for name in _ENGINE_FLAGS},
-                          enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                          extra_passes=tuple(args.extra_passes), disabled_passes=tuple(args.disabled_passes))
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{name: getattr(args, name) for name in _ENGINE_FLAGS},
+                        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                        extra_passes=tuple(args.extra_passes), disabled_passes=tuple(args.disabled_passes))
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
     server_args: dict[str, Any] = {name: getattr(args, name) for name in _SERVER_FLAGS}
     server_args["api_key"] = server_args["api_key"] or os.environ.get("COMPILED_SERVE_API_KEY") or None
     served = tuple(args.served_model_names) if args.served_model_names else None
-    server = ServerConfig(**server_args, served_model_names=served,
-                          allow_request_chat_template=args.allow_request_chat_template)
-    return engine, server
+    return ServerConfig(**server_args, served_model_names=served,
+                        allow_request_chat_template=args.allow_request_chat_template)
 
 
-def _print_report(report: dict[str, Any], server: ServerConfig) -> None:
+def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    return _engine_config(args), _server_config(args)
+
+
+def _print_report(report: dict[str, Any]) -> None:
     print("compiled-serve: loaded")
     for key, value in report.items():
         print(f"  {key:<18} {value}")
-    print(f"  {'listening':<18} http://{server.host}:{server.port}"
-          f"{'' if server.api_key is None else '  (API key required)'}", flush=True)
-    if not server.is_loopback:
-        print(f"  warning: listening on {server.host}, not loopback; set --api-key", file=sys.stderr)
+    sys.stdout.flush()
 
 
 def _refuse_engine_flags_for_embeddings(args: argparse.Namespace) -> None:
     """The embedding model reads only --model and --device; any other engine flag would do nothing."""
     defaults = EngineConfig.field_defaults()
-    ignored = [_flag(name) for name in _ENGINE_FLAGS
+    ignored = [flag(name) for name in _ENGINE_FLAGS
                if name not in ("model", "device") and getattr(args, name) != defaults[name]]
     if ignored:
         raise CompiledServeError(f"{', '.join(ignored)} do(es) not apply to an embedding model "
@@ -100,12 +140,22 @@ def _refuse_engine_flags_for_embeddings(args: argparse.Namespace) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from compiled_serve.embedding import EmbeddingEngine, is_embedding_model
-    from compiled_serve.server.app import build_app, uvicorn_config
+    from compiled_serve.server.listen import bind_socket
 
     engine_config, server_config = _configs(args)
+    # The port first: a busy one is an error now, not after a minute of loading.
+    sock = bind_socket(server_config.host, server_config.port)
+    try:
+        return _serve_on(sock, args, engine_config, server_config)
+    finally:
+        sock.close()
+
+
+def _serve_on(sock: Any, args: argparse.Namespace, engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    from compiled_serve.embedding import EmbeddingEngine, is_embedding_model
+    from compiled_serve.server.app import build_app, uvicorn_config
+    from compiled_serve.server.listen import HTTPServer, socket_url
+
     if is_embedding_model(engine_config.model):
         _refuse_engine_flags_for_embeddings(args)
         device = "cuda" if engine_config.device == "cuda" else "cpu"
@@ -115,34 +165,86 @@ def serve(args: argparse.Namespace) -> int:
                   "dtype": "float32", "device": device, "max_seq_length": embedder.max_seq_length,
                   "dimension": embedder.dimension}
     else:
-        from compiled_serve.engine.llm_engine import LLMEngine
+        from compiled_serve.startup import start_engine
 
-        engine = LLMEngine(engine_config)
+        engine = start_engine(engine_config)
         app = build_app(server_config, engine=engine, model=engine_config.model)
         report = engine.startup_report()
-    _print_report(report, server_config)
-    uvicorn.Server(uvicorn_config(app, server_config, log_level=args.log_level)).run()
-    return 0
+    _print_report(report)
+
+    def listening() -> None:
+        key = "" if server_config.api_key is None else "  (API key required)"
+        print(f"  {'listening':<18} {socket_url(sock)}{key}", flush=True)
+        if not server_config.is_loopback:
+            print(f"  warning: listening on {server_config.host}, not loopback; set --api-key", file=sys.stderr)
+
+    # log_config=None: uvicorn's loggers propagate to ours (one format, timestamps).
+    config = uvicorn_config(app, server_config, log_level=args.log_level, log_config=None)
+    server = HTTPServer(config, engine_loop=app.state.server.engine_loop, grace_s=server_config.shutdown_timeout_s,
+                        on_listening=listening)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a clean shutdown
+        return 0
+    return 0 if server.started else 1
+
+
+def chat(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from compiled_serve.chat_repl import run_chat
+    from compiled_serve.sampling_params import SamplingParams
+    from compiled_serve.startup import start_engine
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    template = Path(args.chat_template_file).read_text() if args.chat_template_file else None
+    engine = start_engine(_engine_config(args))
+    return run_chat(engine, params, sys.stdin, sys.stdout, system=args.system, template=template,
+                    interactive=sys.stdin.isatty())
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "chat":
+        return chat(args)
+    if args.command == "compile":
+        from compiled_serve.build.command import run_compile
+
+        return run_compile(args)
+    if args.command == "bench":
+        from compiled_serve.bench.cli import run_bench
+
+        return run_bench(args)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from compiled_serve.logging_setup import configure_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(args, "log_level", "info"))
     try:
-        if args.command == "serve":
-            return serve(args)
-        if args.command == "compile":
-            from compiled_serve.build.command import run_compile
-
-            return run_compile(args)
-        if args.command == "bench":
-            from compiled_serve.bench.cli import run_bench
-
-            return run_bench(args)
+        code = _run(args)
     except CompiledServeError as exc:
         print(f"compiled-serve: error: {exc}", file=sys.stderr)
         return 2
-    return 1
+    except KeyboardInterrupt:
+        print("compiled-serve: interrupted", file=sys.stderr)
+        return 130
+    if argv is None and args.command == "serve":
+        _exit_skipping_teardown(code)
+    return code
+
+
+def _exit_skipping_teardown(code: int) -> None:
+    """A server that stopped cleanly has nothing left to finalize, but the interpreter's teardown of
+    torch and the model's tensors takes seconds on a small machine; exit without it, so a stop
+    takes the grace period and no more. Only for the real command line (argv None), never in-process."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+
 import torch
 
 # Importing the format modules registers them.
@@ -24,6 +28,11 @@ from compiled_serve.models.loaders.tokenizer_override import load_tokenizer, wit
 
 __all__ = ["LoadedModel", "load_model", "pick_format"]
 
+logger = logging.getLogger("compiled_serve.models")
+
+_EXPECTED = ("expected a .gguf file, a directory with config.json and *.safetensors, a Hugging Face repo "
+             "id (org/name), or a preset name with load_format='dummy'")
+
 
 def pick_format(model: str, load_format: str) -> WeightFormat:
     formats = registered_formats()
@@ -34,10 +43,9 @@ def pick_format(model: str, load_format: str) -> WeightFormat:
     for fmt in sorted(formats.values(), key=lambda f: f.auto_priority):
         if fmt.claims(model):
             return fmt
-    raise ModelLoadError(
-        f"model {model!r} does not exist: expected a .gguf file, a directory with config.json and "
-        "*.safetensors, or a Hugging Face repo id (org/name)"
-    )
+    if os.path.isfile(model):
+        raise ModelLoadError(f"model {model!r} is a file but not a model (no .gguf suffix): {_EXPECTED}")
+    raise ModelLoadError(f"model {model!r} does not exist: {_EXPECTED}")
 
 
 def load_model(
@@ -54,5 +62,12 @@ def load_model(
     fmt = pick_format(model, load_format)
     # The tokenizer first: a bad tokenizer spec fails before a long weight load.
     override = None if tokenizer is None else load_tokenizer(tokenizer)
+    logger.info("loading weights: %s (%s format, %s on %s)", model, fmt.name, str(dtype).removeprefix("torch."),
+                device)
+    start = time.perf_counter()
     loaded = fmt.load(LoadRequest(model=model, dtype=dtype, device=torch.device(device), seed=seed))
+    tensors = [*loaded.module.parameters(), *loaded.module.buffers()]
+    logger.info("loaded weights in %.1fs: %.1fM parameters, %.1f MiB", time.perf_counter() - start,
+                sum(t.numel() for t in loaded.module.parameters()) / 1e6,
+                sum(t.numel() * t.element_size() for t in tensors) / 2**20)
     return loaded if tokenizer is None else with_tokenizer(loaded, override, tokenizer)

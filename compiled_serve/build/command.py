@@ -1,6 +1,6 @@
 """The `compiled-serve compile` subcommand (the parser lives beside `serve` in cli.py).
 
-    compiled-serve compile --model M [--buckets 2,4,8] [--dtype D] [--pass SPEC] [--disable-pass NAME]
+    compiled-serve compile [--model] M [--buckets 2,4,8] [--dtype D] [--pass SPEC] [--disable-pass NAME]
                            --build-dir DIR [--explain]    # --out DIR is an alias
     compiled-serve compile --model M ... --verify DIR      # recompile, compare manifests (CI)
 """
@@ -11,6 +11,7 @@ import argparse
 import json
 from typing import Any
 
+from compiled_serve.cli_flags import add_fields, add_positional_model
 from compiled_serve.config import EngineConfig
 from compiled_serve.engine.buckets import parse_buckets
 
@@ -32,10 +33,8 @@ def add_pass_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_compile_parser(commands: Any) -> None:
     parser = commands.add_parser("compile", help="prebuild and persist what a server needs (warm start)")
-    defaults = EngineConfig.field_defaults()
-    for name, kind in COMPILE_FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=defaults[name],
-                            help=f"(default: {defaults[name]!r})")
+    add_positional_model(parser)
+    add_fields(parser, COMPILE_FLAGS, EngineConfig.field_defaults())
     parser.add_argument("--buckets", type=parse_buckets, default=None,
                         help="decode batch buckets, e.g. 2,4,8 (default: 2,4,8,16,...,max_num_seqs)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -45,7 +44,8 @@ def add_compile_parser(commands: Any) -> None:
                         help="build directory to save into (what `serve --build-dir` reads; --out is an alias)")
     target.add_argument("--verify", metavar="DIR", help="recompile and compare with the build stored in DIR")
     parser.add_argument("--explain", action="store_true", help="print the build key, pass report and log")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no spinner on the terminal (the log lines stay)")
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -1,7 +1,9 @@
-"""Progress of a compile: one line per pass run, graph compiled and bucket captured, with times.
+"""Progress of an engine start-up or a compile: the phases it logs, and a rich spinner while they run.
 
-The engine reports its phases through `on_progress`; passes and the backend report through the
-"compiled_serve.passes" logger, which this display listens to while it is open.
+The engine reports its phases through `on_progress` (this logs them); passes and the backend log
+to "compiled_serve.passes". Printing is the logging setup's job (compiled_serve.logging_setup), so
+every line is printed once. This display keeps a timed copy of each line (`lines`, what a build's
+log records) and shows the latest one beside a spinner on a terminal.
 """
 
 from __future__ import annotations
@@ -11,34 +13,40 @@ import time
 from types import TracebackType
 from typing import Any
 
+from compiled_serve.logging_setup import ensure_library_logging
 
-class _Forward(logging.Handler):
+logger = logging.getLogger("compiled_serve.engine")
+
+
+class _Record(logging.Handler):
     def __init__(self, progress: CompileProgress):
         super().__init__(logging.INFO)
         self.progress = progress
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.progress.update(record.getMessage())
+        self.progress.record(record.getMessage())
 
 
 class CompileProgress:
-    """A rich status line plus a timestamped log of what the compile did (`lines`)."""
+    """A transient rich status line plus a timed log of what the start-up did (`lines`)."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.lines: list[str] = []
         self._start = time.perf_counter()
-        self._handler = _Forward(self)
-        self._logger = logging.getLogger("compiled_serve.passes")
-        self._old_level = self._logger.level
+        self._handler = _Record(self)
+        self._loggers = [logging.getLogger(name) for name in ("compiled_serve.passes", "compiled_serve.models")]
+        self._old_levels = [log.level for log in self._loggers]
         self._progress: Any = None
         self._task: Any = None
 
     def __enter__(self) -> CompileProgress:
+        ensure_library_logging()
         self._start = time.perf_counter()
-        self._logger.addHandler(self._handler)
-        if self._logger.getEffectiveLevel() > logging.INFO:
-            self._logger.setLevel(logging.INFO)
+        for log in self._loggers:
+            log.addHandler(self._handler)
+            if log.getEffectiveLevel() > logging.INFO:
+                log.setLevel(logging.INFO)
         if self.enabled:
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -49,15 +57,19 @@ class CompileProgress:
         return self
 
     def update(self, message: str) -> None:
-        line = f"[{time.perf_counter() - self._start:7.2f}s] {message}"
-        self.lines.append(line)
+        """A phase the engine reports (`LLMEngine(on_progress=...)`): logged, and recorded."""
+        logger.info(message)
+        self.record(message)
+
+    def record(self, message: str) -> None:
+        self.lines.append(f"[{time.perf_counter() - self._start:7.2f}s] {message}")
         if self._progress is not None:
-            self._progress.console.print(line, highlight=False, markup=False)
             self._progress.update(self._task, description=message)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._logger.removeHandler(self._handler)
-        self._logger.setLevel(self._old_level)
+        for log, level in zip(self._loggers, self._old_levels):
+            log.removeHandler(self._handler)
+            log.setLevel(level)
         if self._progress is not None:
             self._progress.stop()

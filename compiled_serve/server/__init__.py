@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from compiled_serve.server.app import build_app, uvicorn_config
-from compiled_serve.server.config import ServerConfig
+from typing import Any
 
 __all__ = ["ServerConfig", "build_app", "uvicorn_config"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: the CLI reads ServerConfig's defaults without importing FastAPI
+    if name == "ServerConfig":
+        from compiled_serve.server.config import ServerConfig
+
+        return ServerConfig
+    if name in ("build_app", "uvicorn_config"):
+        from compiled_serve.server import app
+
+        return getattr(app, name)
+    raise AttributeError(name)

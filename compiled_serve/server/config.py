@@ -29,8 +29,8 @@ class ServerConfig:
     # Chat templates: a user-supplied template (request field `chat_template`) is opt-in.
     chat_template_file: str | None = None
     allow_request_chat_template: bool = False
-    # Graceful shutdown: in-flight requests get this long to finish, then are aborted.
-    shutdown_timeout_s: float = 10.0
+    # Graceful shutdown (SIGINT, SIGTERM): in-flight requests get this long to finish, then are aborted.
+    shutdown_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         checks = [

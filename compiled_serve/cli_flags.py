@@ -1,0 +1,101 @@
+"""Command-line flags made from config fields: what each means, its choices, and what None means.
+
+The defaults come from the dataclass fields (written once, in compiled_serve/config.py and
+compiled_serve/server/config.py); this module adds only the words. Light on purpose: `--help`
+must not import torch or FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from compiled_serve import config as engine_config
+
+# Fields whose values are a closed set: argparse checks them and `--help` lists them.
+CHOICES: dict[str, Sequence[str]] = {
+    "dtype": engine_config._DTYPES, "load_format": engine_config._LOAD_FORMATS,
+    "device": engine_config._DEVICES, "compile_mode": engine_config._COMPILE_MODES,
+    "build_fallback": engine_config._BUILD_FALLBACKS, "scheduling": engine_config._SCHEDULING,
+}
+
+MODEL_HELP = ("a .gguf file, a Hugging Face model directory (config.json + *.safetensors), a hub id "
+              "(org/name), or with --load-format dummy a preset name; none: the embedded SmolLM2-135M-Instruct")
+
+HELP: dict[str, str] = {
+    "model": MODEL_HELP,
+    "load_format": "how to read --model; auto: from its path (.gguf, a directory, a hub id); "
+                   "dummy: random weights for a preset, config.json or directory",
+    "dtype": "weight and activation dtype; auto: float32 on CPU, bfloat16 on CUDA",
+    "device": "auto: cuda when available, else cpu",
+    "seed": "seed of the dummy weights",
+    "tokenizer": "a tokenizer directory or hub id used instead of the model's own; none: the model's own",
+    "block_size": "KV-cache block size in tokens (8, 16, 32, 64 or 128)",
+    "gpu_memory_utilization": "fraction of the GPU's memory the engine may use, in (0, 1] (CUDA only)",
+    "cpu_kv_cache_gib": "KV-cache size in GiB on CPU",
+    "num_kv_blocks": "KV-cache blocks, overriding the size derived from memory; none: derived from memory",
+    "max_num_seqs": "most sequences in one step (also the largest CUDA-graph decode bucket)",
+    "max_num_batched_tokens": "token budget of one step: prefill chunks plus decodes",
+    "max_model_len": "longest prompt plus output, in tokens; none: the model's context length "
+                     "(capped by what the KV cache holds)",
+    "max_logprobs": "largest logprobs / top_logprobs a request may ask for",
+    "max_n": "largest n (samples per prompt) a request may ask for",
+    "compile_mode": "inductor: compile the rewritten graph (slow start, fast steps); graph: run it as "
+                    "captured (fast start, for tests and debugging)",
+    "build_dir": "directory of builds from `compiled-serve compile`; a matching build is loaded instead of "
+                 "compiling; none: compile at start-up",
+    "build_fallback": "when --build-dir holds no matching build: refuse (an error naming what differs) or "
+                      "compile (and use the directory as a cache)",
+    "scheduling": "async: launch step N+1 while step N runs; sync: one step at a time; legacy: the old path",
+    "host": "address to listen on; 127.0.0.1: this machine only; 0.0.0.0: every interface (set --api-key)",
+    "port": "TCP port to listen on; 0: any free port",
+    "api_key": "require 'Authorization: Bearer KEY' on every endpoint but /health; "
+               "none: $COMPILED_SERVE_API_KEY, or no key",
+    "max_waiting_requests": "requests admitted but not yet running; beyond this a 503 with Retry-After",
+    "retry_after_s": "seconds the Retry-After header of a 503 asks clients to wait",
+    "max_request_body_bytes": "largest request body; beyond it a 413",
+    "max_header_count": "most request headers; beyond it a 431",
+    "max_header_bytes": "largest single header line (name + value); beyond it a 431",
+    "max_total_header_bytes": "largest header block in all; beyond it a 431",
+    "chat_template_file": "a Jinja chat-template file used instead of the model's own; none: the model's own",
+    "shutdown_timeout_s": "on SIGINT or SIGTERM, seconds in-flight requests get to finish before they are "
+                          "aborted (streams then end with an error event and [DONE])",
+}
+
+RENAMED = {"chat_template_file": "--chat-template"}
+ALIASES = {"shutdown_timeout_s": ("--shutdown-timeout",)}
+
+
+def flag(name: str) -> str:
+    return RENAMED.get(name, "--" + name.replace("_", "-"))
+
+
+def flag_help(name: str, default: object) -> str:
+    shown = "none" if default is None else default
+    return f"{HELP[name]} (default: {shown})"
+
+
+def add_fields(parser: argparse.ArgumentParser, flags: dict[str, type], defaults: dict[str, object]) -> None:
+    """One flag per config field: its type, default, choices and help."""
+    for name, kind in flags.items():
+        default = defaults[name]
+        parser.add_argument(flag(name), *ALIASES.get(name, ()), dest=name, type=kind, default=default,
+                            choices=CHOICES.get(name), help=flag_help(name, default) if name != "api_key"
+                            else f"{HELP[name]} (default: none)")
+
+
+class _PositionalModel(argparse.Action):
+    """`serve MODEL` as well as `serve --model MODEL`; both at once must agree."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = getattr(namespace, "model", None)
+        if given is not None and given != values:
+            parser.error(f"the model is given twice: {values!r} and --model {given!r}")
+        namespace.model = values
+
+
+def add_positional_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("positional_model", nargs="?", metavar="MODEL", action=_PositionalModel,
+                        default=argparse.SUPPRESS, help=f"the model (or --model): {MODEL_HELP}")

@@ -1,0 +1,68 @@
+"""`compiled-serve` argument parsing: --version, a positional model, help that explains each flag,
+and a `--help` that imports neither torch nor FastAPI."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+
+from compiled_serve.cli import build_parser, main
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_version_flag_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"compiled-serve {importlib.metadata.version('compiled-serve')}"
+
+
+@pytest.mark.parametrize("command", ["serve", "compile", "chat"])
+def test_model_is_positional_or_a_flag(command: str) -> None:
+    parser = build_parser()
+    extra = ["--build-dir", "out"] if command == "compile" else []
+    assert parser.parse_args([command, "org/model", *extra]).model == "org/model"
+    assert parser.parse_args([command, "--model", "org/model", *extra]).model == "org/model"
+    assert parser.parse_args([command, "--model", "m", "m", *extra]).model == "m"  # the same twice is fine
+    assert parser.parse_args([command, *extra]).model is None  # the embedded default
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--model", "a", "b", *extra])
+
+
+def test_every_flag_says_what_it_does_its_choices_and_what_none_means() -> None:
+    for name, sub in _subparsers().items():
+        if name == "bench":
+            continue  # bench's flags are its own module's
+        required = {id(a) for group in sub._mutually_exclusive_groups if group.required for a in group._group_actions}
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            label = f"{name} {action.option_strings or action.metavar}"
+            text = action.help or ""
+            words = text.split("(default:")[0].strip()
+            assert len(words) >= 12, f"{label}: help says only {text!r}"
+            if action.default is None and action.option_strings and id(action) not in required:
+                says_what_none_means = "none:" in text.lower() or ("(default: " in text and "None" not in text)
+                assert says_what_none_means, f"{label}: default None, but the help does not say what that means"
+        formatted = sub.format_help()
+        assert "{auto,float32,bfloat16,float16}" in formatted and "{inductor,graph}" in formatted
+
+
+def test_help_imports_neither_torch_nor_fastapi() -> None:
+    probe = ("import sys\nfrom compiled_serve.cli import main\n"
+             "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+             "heavy = sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'transformers') if m in sys.modules)\n"
+             "print('HEAVY', heavy)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+    assert "--shutdown-timeout" in result.stdout
