@@ -11,7 +11,6 @@ from compiled_serve.engine.llm_engine import LLMEngine
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.outputs import RequestOutput
 from compiled_serve.sampling_params import SamplingParams
-from compiled_serve.startup import start_engine
 
 _PROGRESS_MIN_REQUESTS = 8
 
@@ -24,8 +23,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **config: Any):
-        # Load, compile and warm-up take a while: each phase goes to the log (compiled_serve.startup).
-        self.llm_engine = start_engine(EngineConfig(model=model, **config))
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **config))
         self._ids = itertools.count()
 
     @classmethod

@@ -50,6 +50,8 @@ from compiled_serve.sampling_params import SamplingParams
 
 logger = logging.getLogger("compiled_serve.engine")
 
+OUTPUT_KINDS = ("cumulative", "delta", "final")
+
 # Seeds of unseeded requests: drawn once per sequence, independent of any torch generator state.
 _SEED_SOURCE = random.SystemRandom()
 
@@ -61,7 +63,7 @@ class _Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
-    final_only: bool = False
+    output_kind: str = "cumulative"
 
 
 class LLMEngine:
@@ -251,9 +253,14 @@ class LLMEngine:
         return list(self.tokenizer(prompt, add_special_tokens=True).input_ids)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    final_only: bool = False) -> None:
-        """`final_only`: `step()` returns this request's output only once it has finished (what the
-        offline `LLM` needs); otherwise after every step that changed it (streaming)."""
+                    output_kind: str = "cumulative", detokenize: bool = True) -> None:
+        """`output_kind`: "cumulative" (after every step that changed it, everything so far),
+        "delta" (after every such step, only the new tokens), or "final" (once, when finished:
+        what the offline `LLM` needs). `detokenize=False`: the engine keeps no text and checks no
+        stop strings (a front end that detokenizes outside the step loop does both, and aborts
+        the request when a stop string completes)."""
+        if output_kind not in OUTPUT_KINDS:
+            raise InvalidParameterError("output_kind", f"must be one of {OUTPUT_KINDS}, got {output_kind!r}")
         params = params or SamplingParams()
         if request_id in self._requests:
             raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
@@ -284,12 +291,12 @@ class LLMEngine:
             # Sequence i of a seeded request draws from seed + i; others from a fresh 63-bit seed.
             seed = wrap_int64(params.seed + i) if params.seed is not None else _SEED_SOURCE.getrandbits(63)
             seq = Sequence(request_id, i, ids, params, max_out, seed=seed)
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and detokenize:
                 seq.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop or [], include_stop_str_in_output=params.include_stop_str_in_output)
             seqs.append(seq)
-        self._requests[request_id] = _Request(request_id, text, ids, params, seqs, final_only)
+        self._requests[request_id] = _Request(request_id, text, ids, params, seqs, output_kind)
         for seq in seqs:
             self.scheduler.add(seq)
         self._prompt_tokens_total += len(ids) * len(seqs)
@@ -300,8 +307,10 @@ class LLMEngine:
             return None
         for seq in req.seqs:
             if not seq.status.finished:
+                if seq.detokenizer is not None:
+                    seq.detokenizer.finish()  # the text held back for a possible stop string is final
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
-        return build_request_output(req, self.tokenizer)
+        return build_request_output(req, self.tokenizer, delta=req.output_kind == "delta")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -387,9 +396,9 @@ class LLMEngine:
         outputs = []
         for req in requests:
             done = all(s.status.finished for s in req.seqs)
-            if req.final_only and not done:
+            if req.output_kind == "final" and not done:
                 continue
-            output = build_request_output(req, self.tokenizer)
+            output = build_request_output(req, self.tokenizer, delta=req.output_kind == "delta")
             outputs.append(output)
             if output.finished:
                 del self._requests[req.request_id]

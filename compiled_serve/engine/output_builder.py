@@ -25,9 +25,23 @@ def _logprobs(seq: Any, tokenizer: Any) -> list[dict[int, Logprob]] | None:
     return list(built)
 
 
-def build_request_output(req: Any, tokenizer: Any) -> RequestOutput:
+def build_request_output(req: Any, tokenizer: Any, delta: bool = False) -> RequestOutput:
+    """Cumulative (every token so far), or with `delta` only what is new since the last output:
+    the new token ids and logprob entries of each sample (its text is then the detokenizer's
+    whole text, or "" for a request the engine does not detokenize)."""
     outputs = []
     for seq in req.seqs:
+        if delta:
+            start, seq.num_emitted = seq.num_emitted, len(seq.output_token_ids)
+            logprobs = _logprobs(seq, tokenizer)
+            outputs.append(CompletionOutput(
+                index=seq.index, text=seq.detokenizer.output_text if seq.detokenizer is not None else "",
+                token_ids=seq.output_token_ids[start:],
+                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                logprobs=logprobs[start:] if logprobs is not None else None,
+                finish_reason=seq.status.value if seq.status.finished else None, stop_reason=seq.stop_reason,
+            ))
+            continue
         # Only text no stop string can still cut: from one output to the next it only grows.
         text = seq.detokenizer.output_text if seq.detokenizer is not None else ""
         finish = seq.status.value if seq.status.finished else None

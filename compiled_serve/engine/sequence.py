@@ -51,6 +51,7 @@ class Sequence:
     logprobs: list[Any] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     logprob_entries: list[Any] = field(default_factory=list)  # user-facing dicts, built once per token
+    num_emitted: int = 0  # output tokens already handed out (delta outputs)
     detokenizer: Any = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -73,3 +73,34 @@ def test_async_step_overlaps_and_returns_the_previous_steps_tokens(tmp_path):
         outs += engine.step()
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
     assert seq.num_pending == 0
+
+
+def test_delta_outputs_concatenate_to_the_cumulative_ones(tmp_path):
+    """output_kind="delta" hands out each token (and logprob entry) exactly once, in order."""
+    engine = tiny_engine(tmp_path)
+    params = SamplingParams(temperature=0.8, seed=4, max_tokens=11, ignore_eos=True, n=2, logprobs=2)
+    engine.add_request("d", list(range(1, 30)), params, output_kind="delta", detokenize=False)
+    engine.add_request("c", list(range(1, 30)), params)
+    got: dict[int, list] = {0: [], 1: []}
+    lps: dict[int, list] = {0: [], 1: []}
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == "d":
+                for c in out.outputs:
+                    got[c.index] += c.token_ids
+                    lps[c.index] += c.logprobs
+                    assert c.text == ""  # not detokenized by the engine
+            elif out.finished:
+                final = out
+    for c in final.outputs:
+        assert got[c.index] == c.token_ids
+        assert [sorted(d) for d in lps[c.index]] == [sorted(d) for d in c.logprobs]
+
+
+def test_unknown_output_kind_is_refused(tmp_path):
+    from compiled_serve.errors import InvalidParameterError
+
+    engine = tiny_engine(tmp_path)
+    with pytest.raises(InvalidParameterError, match="output_kind"):
+        engine.add_request("x", [1, 2], SamplingParams(max_tokens=2), output_kind="all")
