@@ -11,6 +11,7 @@ from compiled_serve.engine.llm_engine import LLMEngine
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.outputs import RequestOutput
 from compiled_serve.sampling_params import SamplingParams
+from compiled_serve.startup import start_engine
 
 _PROGRESS_MIN_REQUESTS = 8
 
@@ -23,7 +24,8 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **config: Any):
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **config))
+        # Load, compile and warm-up take a while: each phase goes to the log (compiled_serve.startup).
+        self.llm_engine = start_engine(EngineConfig(model=model, **config))
         self._ids = itertools.count()
 
     @classmethod
@@ -56,7 +58,7 @@ class LLM:
         try:
             for prompt, params in zip(prompt_list, params_list):
                 rid = f"offline-{next(self._ids)}"
-                engine.add_request(rid, prompt, params, final_only=True)
+                engine.add_request(rid, prompt, params, output_kind="final")
                 ids.append(rid)
         except Exception:
             for rid in ids:
