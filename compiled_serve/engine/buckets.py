@@ -58,6 +58,18 @@ def parse_buckets(text: str) -> tuple[int, ...]:
     return normalize_buckets(values)
 
 
+# Prefill and mixed steps up to this many tokens replay CUDA graphs (token buckets). Above it a
+# step's device time dwarfs its host launch time, and padding to a bucket would cost more.
+MIXED_GRAPH_MAX_TOKENS = 2048
+
+
+def default_mixed_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
+    """Token buckets for mixed-step graphs: 32, 64, ..., 1024, then 1536, 2048, capped at the budget."""
+    top = min(max_num_batched_tokens, MIXED_GRAPH_MAX_TOKENS)
+    values = [b for b in (32, 64, 128, 256, 512, 1024, 1536, 2048) if b <= top]
+    return tuple(values) if values else (MIN_STEP_TOKENS,)
+
+
 def pick_bucket(buckets: Sequence[int], n: int) -> int | None:
     """Smallest bucket >= n (buckets sorted ascending), or None if n is above the largest."""
     i = bisect.bisect_left(buckets, n)

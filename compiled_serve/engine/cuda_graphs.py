@@ -71,16 +71,28 @@ def pad_decode_inputs(
 
 
 class DecodeGraphs:
-    """Static decode buffers plus one captured graph per bucket (all in one memory pool)."""
+    """Static step buffers plus one captured graph per token bucket (all in one memory pool).
+
+    `query_len=1`: decode graphs (bucket b = b sequences of one token). `query_len=None`: mixed
+    graphs, for steps whose sequences add any number of tokens (prefill chunks beside decodes):
+    bucket b holds b tokens of up to min(b, seq_capacity) sequences, padded with empty sequences
+    (seq_len 0, an empty query range), and is captured with max_query_len = b, so attention takes
+    its two-launch path (narrow tiles for the short rows, wide tiles for the rest), which any
+    batch of that shape replays correctly.
+    """
 
     def __init__(
         self, step_fn: Callable, kv_caches: list[torch.Tensor], buckets: Sequence[int], max_blocks_per_seq: int,
-        max_seq_len: int, device: torch.device, capture: bool = True,
+        max_seq_len: int, device: torch.device, capture: bool = True, query_len: int | None = 1,
+        seq_capacity: int | None = None, pool: object | None = None,
     ):
         self.step_fn = step_fn  # compiled forward(input_ids, positions) -> hidden [T, hidden]
         self.kv_caches = kv_caches
         self.buckets = normalize_buckets(buckets)  # never below MIN_STEP_TOKENS
         self.max_bucket = big = self.buckets[-1]
+        self.query_len = query_len
+        self.seq_capacity = cap = min(seq_capacity or big, big)  # sequences of the largest bucket
+        self.pool = pool  # shared with other graph sets (captured largest first), or made here
         self.max_blocks_per_seq = max_blocks_per_seq
         self.max_seq_len = max_seq_len
         self.device = device
@@ -91,22 +103,25 @@ class DecodeGraphs:
             self.input_ids = torch.zeros(big, dtype=torch.int64, device=device)
             self.positions = torch.zeros(big, dtype=torch.int64, device=device)
             self.slot_mapping = torch.full((big,), -1, dtype=torch.int64, device=device)
-            self.meta32 = torch.zeros(2 * big + 1, dtype=torch.int32, device=device)  # seq_lens | qsl
-            self.block_tables = torch.zeros(big, max_blocks_per_seq, dtype=torch.int32, device=device)
+            self.meta32 = torch.zeros(2 * cap + 1, dtype=torch.int32, device=device)  # seq_lens | qsl
+            self.block_tables = torch.zeros(cap, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bucket -> hidden [bucket, hidden], in the pool
-        self.pool: object | None = None
         self.pool_bytes = 0  # what the captures reserved, measured
         self.capture_seconds = 0.0
 
+    def seqs_for(self, bucket: int) -> int:
+        """How many sequences a step of this bucket may hold."""
+        return min(bucket, self.seq_capacity)
+
     def metadata(self, bucket: int) -> AttentionMetadata:
-        big = self.max_bucket
+        cap, seqs = self.seq_capacity, self.seqs_for(bucket)
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bucket],
-            block_tables=self.block_tables[:bucket],
-            seq_lens=self.meta32[:bucket],
-            query_start_loc=self.meta32[big:big + bucket + 1],
-            max_query_len=1,
+            block_tables=self.block_tables[:seqs],
+            seq_lens=self.meta32[:seqs],
+            query_start_loc=self.meta32[cap:cap + seqs + 1],
+            max_query_len=self.query_len or bucket,
             max_seq_len=self.max_seq_len,
             kv_caches=self.kv_caches,
         )
@@ -123,7 +138,8 @@ class DecodeGraphs:
         start = time.perf_counter()
         self.meta32.zero_()
         self.slot_mapping.fill_(-1)
-        self.pool = torch.cuda.graph_pool_handle()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         for bucket in sorted(self.buckets, reverse=True):
             self._run_static(bucket)  # warm-up outside the graph: compiles, autotunes, loads kernels
             torch.cuda.synchronize(self.device)
@@ -170,9 +186,9 @@ class DecodeGraphs:
         self, bucket: int, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
         meta32: torch.Tensor, block_tables: torch.Tensor,
     ) -> torch.Tensor:
-        """A padded decode step whose inputs are already on the device (device-to-device copies
-        into the static buffers, then the graph): ids/positions/slots [bucket], meta32 in the
-        static layout [2 * max_bucket + 1], block_tables [n, width] -> hidden [bucket, hidden]."""
+        """A padded step whose inputs are already on the device (device-to-device copies into the
+        static buffers, then the graph): ids/positions/slots [bucket], meta32 in the static layout
+        [2 * seq_capacity + 1], block_tables [n, width] -> hidden [bucket, hidden]."""
         n, width = block_tables.shape
         self.input_ids[:bucket].copy_(input_ids)
         self.positions[:bucket].copy_(positions)

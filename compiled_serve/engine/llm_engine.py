@@ -19,7 +19,7 @@ from compiled_serve.cache import BuildKey
 from compiled_serve.config import EngineConfig
 from compiled_serve.detokenizer import IncrementalDetokenizer
 from compiled_serve.engine.block_manager import BlockManager
-from compiled_serve.engine.buckets import resolve_decode_buckets
+from compiled_serve.engine.buckets import default_mixed_buckets, resolve_decode_buckets
 from compiled_serve.engine.cuda_graphs import capture_cost_estimate, measure_capture_bytes
 from compiled_serve.engine.device import resolve_device, resolve_dtype
 from compiled_serve.engine.kv_cache import (
@@ -86,6 +86,9 @@ class LLMEngine:
         # Decode buckets (CUDA graphs), the build key, and a persisted build if one was asked for:
         # its artifacts must be in torch's caches before the first compile (compiled_serve.build).
         self.decode_buckets = resolve_decode_buckets(config.cuda_graph_buckets, config.max_num_seqs)
+        # Token buckets of prefill/mixed-step graphs (the new step path only).
+        self.mixed_buckets = default_mixed_buckets(config.max_num_batched_tokens) \
+            if config.scheduling != "legacy" else ()
         self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
         self.pass_manager = default_pass_manager(extra=list(config.extra_passes),
                                                  disabled=list(config.disabled_passes), device=self.device.type)
@@ -115,8 +118,8 @@ class LLMEngine:
                 t0 = time.perf_counter()
                 reserve += capture_cost_estimate(measure_capture_bytes(
                     step_fn, mc.num_layers, block_size, mc.num_kv_heads, mc.head_dim, self.dtype,
-                    self.decode_buckets[-1], config.max_model_len or mc.max_position_embeddings, self.device,
-                ), len(self.decode_buckets))
+                    max(self.decode_buckets[-1], *self.mixed_buckets), config.max_model_len or mc.max_position_embeddings, self.device,
+                ), len(self.decode_buckets) + len(self.mixed_buckets))
                 self.compile_seconds += time.perf_counter() - t0
             num_blocks = num_blocks_for_cuda(self.device, config.gpu_memory_utilization, reserve, per_block)
         else:
@@ -141,6 +144,10 @@ class LLMEngine:
         self._on_progress("compiling (warm-up steps)")
         self._warmup()
         if self.use_cuda_graphs:
+            if self.mixed_buckets:
+                self.runner.capture_mixed_graphs(
+                    self.mixed_buckets, self.max_model_len, config.max_num_seqs,
+                    progress=lambda b: self._on_progress(f"captured CUDA graph for mixed-step bucket {b}"))
             self.runner.capture_decode_graphs(
                 self.decode_buckets, self.max_model_len,
                 progress=lambda b: self._on_progress(f"captured CUDA graph for decode bucket {b}"))
@@ -488,8 +495,13 @@ class LLMEngine:
         graphs = self.runner.decode_graphs
         if graphs is None:
             return "off (enforce_eager)" if self.device.type == "cuda" else f"off ({self.device.type})"
-        return (f"{len(graphs.graphs)} decode buckets {list(graphs.buckets)} in {graphs.capture_seconds:.1f}s, "
+        mixed = self.runner.mixed_graphs
+        text = (f"{len(graphs.graphs)} decode buckets {list(graphs.buckets)} in {graphs.capture_seconds:.1f}s, "
                 f"pool {graphs.pool_bytes / 2**20:.0f} MiB")
+        if mixed is not None:
+            text += (f"; {len(mixed.graphs)} mixed-step token buckets {list(mixed.buckets)} in "
+                     f"{mixed.capture_seconds:.1f}s, pool {mixed.pool_bytes / 2**20:.0f} MiB")
+        return text
 
     def startup_report(self) -> dict:
         return {

@@ -38,7 +38,9 @@ class ModelRunner:
         self.device = device
         self._pin = device.type == "cuda"
         self.decode_graphs: DecodeGraphs | None = None
-        self.num_graph_steps = 0  # steps served by the static decode path (stats, tests)
+        self.mixed_graphs: DecodeGraphs | None = None  # token buckets for prefill/mixed steps
+        self.num_graph_steps = 0  # steps served by captured graphs (stats, tests)
+        self.num_mixed_graph_steps = 0  # of which prefill/mixed-step graphs
 
     def capture_decode_graphs(
         self, buckets: Sequence[int], max_model_len: int, capture: bool = True,
@@ -46,10 +48,24 @@ class ModelRunner:
     ) -> DecodeGraphs:
         """Set up the static decode path; `capture=False` (or CPU) runs it without graphs."""
         max_blocks = round_up_width(-(-max_model_len // self.block_size))
+        pool = self.mixed_graphs.pool if self.mixed_graphs is not None else None
         graphs = DecodeGraphs(self.step_fn, self.kv_caches, buckets, max_blocks, max_model_len, self.device,
-                              capture=capture)
+                              capture=capture, pool=pool)
         graphs.capture_all(progress)
         self.decode_graphs = graphs
+        return graphs
+
+    def capture_mixed_graphs(
+        self, token_buckets: Sequence[int], max_model_len: int, max_num_seqs: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> DecodeGraphs:
+        """Graphs for prefill and mixed steps up to the largest token bucket; capture them before
+        the decode graphs, which then share their (larger) memory pool."""
+        max_blocks = round_up_width(-(-max_model_len // self.block_size))
+        graphs = DecodeGraphs(self.step_fn, self.kv_caches, token_buckets, max_blocks, max_model_len, self.device,
+                              query_len=None, seq_capacity=max_num_seqs)
+        graphs.capture_all(progress)
+        self.mixed_graphs = graphs
         return graphs
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:

@@ -106,11 +106,12 @@ class StepRunner:
         `special_tail`: tail inputs built on the host for rows with penalties, bias or suppression
         (the engine drains in-flight steps first for those); None = gather from the row table."""
         self._upload_params()
-        graphs = self.runner.decode_graphs
+        graphs = self.runner.decode_graphs if plan.is_decode else self.runner.mixed_graphs
         bucket = None
-        if graphs is not None and plan.is_decode:
-            bucket = pick_bucket(graphs.buckets, plan.num_seqs)
-            if bucket is not None and plan.block_tables.shape[1] > graphs.max_blocks_per_seq:
+        if graphs is not None:
+            bucket = pick_bucket(graphs.buckets, plan.num_tokens)
+            if bucket is not None and (plan.block_tables.shape[1] > graphs.max_blocks_per_seq
+                                       or plan.num_seqs > graphs.seqs_for(bucket)):
                 bucket = None
         pad = (bucket - plan.num_tokens) if bucket is not None else max(0, MIN_STEP_TOKENS - plan.num_tokens)
         ids, pos, slots = plan.input_ids, plan.positions, plan.slots
@@ -118,10 +119,10 @@ class StepRunner:
             # Padding tokens belong to no sequence: slot -1 writes no cache entry; rows never read.
             z = np.zeros(pad, np.int64)
             ids, pos, slots = np.concatenate([ids, z]), np.concatenate([pos, z]), np.concatenate([slots, z - 1])
-        if bucket is not None:  # the static layout: seq_lens [big] | query_start_loc [big + 1]
-            big, n = graphs.max_bucket, plan.num_seqs
-            meta = np.concatenate([plan.seq_lens, np.zeros(big - n, np.int64), plan.query_start_loc,
-                                   np.full(big - n, n, np.int64)])
+        if bucket is not None:  # the static layout: seq_lens [cap] | query_start_loc [cap + 1]
+            cap, n = graphs.seq_capacity, plan.num_seqs
+            meta = np.concatenate([plan.seq_lens, np.zeros(cap - n, np.int64), plan.query_start_loc,
+                                   np.full(cap - n, plan.num_tokens, np.int64)])
         else:
             meta = np.concatenate([plan.seq_lens, plan.query_start_loc])
         sample_rows = plan.rows[plan.sample_index]
@@ -136,6 +137,8 @@ class StepRunner:
         if bucket is not None:
             hidden = graphs.replay(bucket, d_ids, d_pos, d_slots, d_meta, d_tables)[: plan.num_tokens]
             self.runner.num_graph_steps += 1
+            if not plan.is_decode:
+                self.runner.num_mixed_graph_steps += 1
         else:
             s = plan.num_seqs
             meta_obj = AttentionMetadata(

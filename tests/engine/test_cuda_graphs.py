@@ -66,6 +66,26 @@ def test_static_decode_path_generates_the_same_tokens(tmp_path: Path, device: st
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_mixed_step_graphs_generate_the_same_tokens(tmp_path: Path, device: str) -> None:
+    """Prefill chunks beside decodes, padded to token buckets with empty sequences, give the
+    dynamic path's tokens (CPU: the same static buffers without capture)."""
+    engine = _engine(tmp_path, device, max_num_batched_tokens=48)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(256) for _ in range(rng.randrange(3, 70))] for _ in range(9)]
+    if engine.runner.mixed_graphs is None:
+        engine.runner.mixed_graphs = DecodeGraphs(
+            engine.runner.step_fn, engine.runner.kv_caches, (16, 32, 48), 16, engine.max_model_len,
+            engine.device, capture=False, query_len=None, seq_capacity=engine.config.max_num_seqs)
+    with_graphs = _generate(engine, prompts)
+    assert engine.runner.num_mixed_graph_steps > 0
+    engine.runner.mixed_graphs = None
+    steps = engine.runner.num_mixed_graph_steps
+    dynamic = _generate(engine, prompts)
+    assert engine.runner.num_mixed_graph_steps == steps
+    assert with_graphs == dynamic
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_replay_matches_dynamic_step_and_padding_never_touches_the_cache(tmp_path: Path, device: str) -> None:
     engine = _engine(tmp_path, device)
     runner = engine.runner
