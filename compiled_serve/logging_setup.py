@@ -55,8 +55,13 @@ def configure_logging(level: str | int = "info") -> None:
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _RootHandler)]:
         root.removeHandler(handler)
-    root.addHandler(_RootHandler())
-    root.setLevel(level.upper() if isinstance(level, str) else level)
+    level = level.upper() if isinstance(level, str) else level
+    handler = _RootHandler()
+    # On the handler too: a logger below root set to INFO (a progress display listening to it)
+    # would otherwise reach stderr through root whatever root's own level.
+    handler.setLevel(level)
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def ensure_library_logging() -> None:

@@ -54,3 +54,16 @@ def test_progress_display_records_lines_and_prints_each_once() -> None:
         assert len(printed) == 1 and TIMESTAMPED.match(printed[0]), everything
     recorded = _lines_with("LINES", result.stdout)[0]
     assert "s] compiling (warm-up steps)" in recorded and "s] compiled graph 0" in recorded
+
+
+def test_log_level_warning_hides_progress_lines() -> None:
+    """The progress display lowers the passes logger to INFO to see its lines; stderr still obeys --log-level."""
+    result = _run("import logging\nfrom compiled_serve.logging_setup import configure_logging\n"
+                  "from compiled_serve.build.progress import CompileProgress\n"
+                  "configure_logging('warning')\n"
+                  "with CompileProgress(enabled=False) as progress:\n"
+                  "    logging.getLogger('compiled_serve.passes').info('compiled graph 0 (graph) in 0.01s')\n"
+                  "    logging.getLogger('compiled_serve.passes').warning('a warning')\n"
+                  "print('LINES', progress.lines)\n")
+    assert "compiled graph 0" not in result.stderr and "a warning" in result.stderr
+    assert "compiled graph 0" in result.stdout  # recorded for the build's log all the same
