@@ -245,8 +245,14 @@ def fused_sample_triton(
     presence_penalty: torch.Tensor | None = None,  # [N] float32
     output_counts: torch.Tensor | None = None,  # [N, V] float32
     block: int | None = None,
+    split_rows: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token_ids [N] int64, logprobs [N] float32); one program per row, no host syncs."""
+    """(token_ids [N] int64, logprobs [N] float32); no host syncs.
+
+    Without penalties, rows go to the split-row path (kernels/triton_sampler_split.py), which
+    keeps this kernel for the rows that need top-k or top-p; split_rows=False forces this kernel
+    for every row (benchmarks and tests compare the two).
+    """
     from compiled_serve.kernels.fused_sampling import check_penalty_inputs
 
     check_penalty_inputs(logits, repetition_penalty, seen_mask, frequency_penalty, presence_penalty, output_counts)
@@ -261,6 +267,12 @@ def fused_sample_triton(
         block = min(1024, triton.next_power_of_2(vocab))  # [SPLITS, block] fits registers
     repetition = repetition_penalty is not None
     frequency = output_counts is not None
+    if split_rows and not (repetition or frequency):
+        from compiled_serve.kernels.triton_sampler_split import fused_sample_split_rows
+
+        return fused_sample_split_rows(
+            token_ids, logprobs, logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy, block=block
+        )  # fmt: skip
     # Unused pointer arguments get a real tensor the kernel never reads.
     work = torch.empty(num_rows, vocab, dtype=torch.float32, device=logits.device) if repetition or frequency else logits
     seen = seen_mask.contiguous().view(torch.uint8) if repetition else logits
