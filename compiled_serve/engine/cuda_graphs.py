@@ -153,6 +153,9 @@ class DecodeGraphs:
             self.graphs[bucket] = graph
             if progress is not None:
                 progress(bucket)
+        for graph in self.graphs.values():  # the first replay uploads the graph: pay it before ready
+            graph.replay()
+        torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
         logger.info("captured %d decode graph(s) in %.2fs, pool %.1f MiB", len(self.graphs),
                     self.capture_seconds, self.pool_bytes / 2**20)

@@ -151,8 +151,6 @@ class LLMEngine:
             self.runner.capture_decode_graphs(
                 self.decode_buckets, self.max_model_len,
                 progress=lambda b: self._on_progress(f"captured CUDA graph for decode bucket {b}"))
-        if self.use_cuda_graphs and config.scheduling != "legacy":
-            self._run_warmup_requests(decode_only=True)  # the first replay of each decode graph
         self.compile_seconds += time.perf_counter() - t0
         self._reset_counters()
 
@@ -182,12 +180,13 @@ class LLMEngine:
         if self.config.scheduling == "legacy":
             self._legacy_warmup()
         else:
-            self._run_warmup_requests(decode_only=False)
+            self._run_warmup_requests()
 
-    def _run_warmup_requests(self, decode_only: bool) -> None:
+    def _run_warmup_requests(self) -> None:
         """Runs what serving will hit through the real step path, before "ready": a full-budget
-        prefill, a mixed step (a prefill chunk beside decodes), decode steps at every bucket, both
-        tail variants (row-table and host-built) and the logprobs path.
+        prefill, a mixed step (a prefill chunk beside decodes), decode steps, both tail variants
+        (row-table and host-built) and the logprobs path. CUDA graphs are captured afterwards;
+        each captured graph is replayed once before ready (cuda_graphs.py).
 
         The requests run on a throwaway block manager and scheduler over the same KV cache, so the
         engine's own pool, prefix cache and counters start untouched.
@@ -199,20 +198,18 @@ class LLMEngine:
         budget = cfg.max_num_batched_tokens
         on_gpu = self.device.type == "cuda"
         try:
-            if not decode_only:
-                # The full budget on CUDA (kernel variants and autotuning for large steps); on the
-                # CPU, where one dynamic graph serves every size, a short prompt is enough.
-                long_len = max(2, min(budget if on_gpu else 2 * cfg.block_size + 3, self.max_model_len - 4))
-                self.add_request("__warmup_a__", [0] * 3, SamplingParams(max_tokens=3, ignore_eos=True))
-                self.step()  # prefill a
-                self.add_request("__warmup_b__", [0] * long_len,
-                                 SamplingParams(max_tokens=2, ignore_eos=True, logprobs=1))
-                self.add_request("__warmup_c__", [0] * 3,
-                                 SamplingParams(max_tokens=2, ignore_eos=True, repetition_penalty=1.1))
-                self._drain_warmup()
-            sizes = list(self.runner.decode_graphs.buckets) if self.runner.decode_graphs is not None else [2]
-            for size in sizes if on_gpu else sizes[:1]:
-                size = min(size, cfg.max_num_seqs)
+            # The full budget on CUDA (kernel variants and autotuning for large steps); on the
+            # CPU, where one dynamic graph serves every size, a short prompt is enough.
+            long_len = max(2, min(budget if on_gpu else 2 * cfg.block_size + 3, self.max_model_len - 4))
+            self.add_request("__warmup_a__", [0] * 3, SamplingParams(max_tokens=3, ignore_eos=True))
+            self.step()  # prefill a
+            self.add_request("__warmup_b__", [0] * long_len,
+                             SamplingParams(max_tokens=2, ignore_eos=True, logprobs=1))
+            self.add_request("__warmup_c__", [0] * 3,
+                             SamplingParams(max_tokens=2, ignore_eos=True, repetition_penalty=1.1))
+            self._drain_warmup()
+            # A batch of sampled decodes with top-k (the other tail branch), then a lone decode.
+            for size in (min(4, cfg.max_num_seqs), 1):
                 for i in range(size):
                     self.add_request(f"__warmup_d{i}__", [0] * 2,
                                      SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.8, top_k=5))
