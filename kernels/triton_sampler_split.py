@@ -41,7 +41,7 @@ _SUM_EXP = tl.constexpr(1)  # sum of exp(x - max(_ROW_MAX, -1e30))
 _SCALED_MAX = tl.constexpr(2)  # max of logits / temperature
 _STATS = tl.constexpr(3)
 _FINITE_FLOOR = tl.constexpr(-1.0e30)  # the per-row kernel's start for the logsumexp max
-MAX_CHUNKS = 64
+MAX_CHUNKS = 64  # a power of two: the lanes the race and merge read partials with
 TARGET_PROGRAMS = 528  # 4 waves of 132 SMs (H100 / H200)
 
 
@@ -131,14 +131,14 @@ def _chunk_race_kernel(
     min_p_ptr,  # [N] float32
     seed_ptr,  # [N] int64
     offset_ptr,  # [N] int64
-    vocab, stride_row, tiles_per_chunk, BLOCK: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+    vocab, stride_row, tiles_per_chunk, BLOCK: tl.constexpr, CHUNK_SLOTS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     num_chunks = tl.num_programs(1)
     part = row * num_chunks + tl.program_id(1)
     sampled, temperature, searched = _row_kind(row, temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr, vocab)
     if sampled & (searched == 0):
-        chunks = tl.arange(0, MAX_CHUNKS)
+        chunks = tl.arange(0, CHUNK_SLOTS)
         scaled_maxima = tl.load(
             stats_ptr + (row * num_chunks + chunks) * _STATS + _SCALED_MAX, mask=chunks < num_chunks,
             other=float("-inf"),
@@ -175,14 +175,14 @@ def _merge_chunks_kernel(
     race_arg_ptr,  # [N, C] int32 (sampled rows)
     logits_ptr,  # [N, V]
     temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr,  # [N] float32, int8, int32, float32 (_row_kind)
-    vocab, stride_row, num_chunks, MAX_CHUNKS: tl.constexpr,
+    vocab, stride_row, num_chunks, CHUNK_SLOTS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     sampled, temperature, searched = _row_kind(row, temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr, vocab)
     if searched == 0:
-        chunks = tl.arange(0, MAX_CHUNKS)
+        chunks = tl.arange(0, CHUNK_SLOTS)
         live = chunks < num_chunks
-        part = row * num_chunks + chunks  # [MAX_CHUNKS]
+        part = row * num_chunks + chunks  # [CHUNK_SLOTS], live where < num_chunks
         row_max = tl.load(stats_ptr + part * _STATS + _ROW_MAX, mask=live, other=float("-inf"))
         sum_exp = tl.load(stats_ptr + part * _STATS + _SUM_EXP, mask=live, other=0.0)
         exp_max = tl.maximum(row_max, _FINITE_FLOOR)  # what each chunk's sum is relative to
@@ -242,11 +242,11 @@ def fused_sample_split_rows(
     )  # fmt: skip
     _chunk_race_kernel[chunk_grid](
         race_best, race_arg, stats, logits, *row_kind, min_p, seeds, offsets, vocab, stride_row,
-        tiles_per_chunk, BLOCK=block, MAX_CHUNKS=MAX_CHUNKS,
+        tiles_per_chunk, BLOCK=block, CHUNK_SLOTS=MAX_CHUNKS,
     )  # fmt: skip
     _merge_chunks_kernel[(num_rows,)](
         token_ids, logprobs, stats, greedy_arg, race_best, race_arg, logits, *row_kind, vocab, stride_row,
-        num_chunks, MAX_CHUNKS=MAX_CHUNKS, num_warps=1,
+        num_chunks, CHUNK_SLOTS=MAX_CHUNKS, num_warps=1,
     )  # fmt: skip
     _row_kernel_where_needed[(num_rows,)](
         token_ids, logprobs, logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy, vocab,
