@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo
 
 
 @dataclass
@@ -45,11 +46,29 @@ def forward_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
     global _current
     if _current is not None:
         raise RuntimeError("forward_context is already set: steps cannot nest")
+    mark_kv_cache_shapes(meta.kv_caches)
     _current = meta
     try:
         yield meta
     finally:
         _current = None
+
+
+def mark_kv_cache_shapes(caches: list[torch.Tensor]) -> None:
+    """Tell dynamo how the caches' shapes vary before it first sees them as graph inputs.
+
+    The compiled step takes the caches as inputs (passes/pipeline.py). Their dims other than
+    num_blocks are the model's and never change: static, so none of them shares a symbol with the
+    token count (dynamo's duck sizing would tie a 128-token step to head_dim 128). num_blocks
+    differs between the scratch cache of the capture measurement and the real one: unbacked, so
+    neither a one-block cache nor an equal token count specialises it, and nothing recompiles.
+    Marked once per tensor.
+    """
+    for cache in caches:
+        if not getattr(cache, "_compiled_serve_shapes_marked", False):
+            torch._dynamo.mark_static(cache, [0, 2, 3, 4])
+            torch._dynamo.decorators.mark_unbacked(cache, 1)
+            cache._compiled_serve_shapes_marked = True  # type: ignore[attr-defined]
 
 
 def in_forward_context() -> bool:

@@ -1,15 +1,24 @@
 """Paged attention: write the step's K/V into the block cache, then attend through block tables.
 
 `paged_attention_reference` is the pure-torch definition every kernel is tested against.
-The custom op `compiled_serve::paged_attention` is what `PagedAttentionPass` inserts; it takes
-the per-layer cache and the step metadata from the forward context.
+The custom op `compiled_serve::paged_attention(q, k, v, kv_cache, scale)` is what
+`PagedAttentionPass` inserts. It takes its layer's cache as an argument and declares that it
+writes it (`mutates_args=("kv_cache",)`), so functionalization, Inductor's reinplacing and any
+reordering see the write; the step metadata (slot mapping, block tables, lengths) is read-only
+and comes from the forward context.
+
+`compiled_serve::step_kv_caches(caches)` is how the caches become graph values: the compiled
+step's entry point (passes/pipeline.py) calls it on the forward context's caches, so dynamo lifts
+them into the captured graph as inputs; `PagedAttentionPass` hands layer i's input to layer i's
+`paged_attention` and erases the call. It does nothing, and declares that it may write every
+cache, so dead-code elimination never drops it (nor the inputs) before the pass has run.
 """
 
 from __future__ import annotations
 
 import torch
 
-from compiled_serve.kernels.forward_context import current_forward_context
+from compiled_serve.kernels.forward_context import current_forward_context, in_forward_context
 
 
 def write_kv_reference(
@@ -67,11 +76,12 @@ def paged_attention_reference(
     return out
 
 
-@torch.library.custom_op("compiled_serve::paged_attention", mutates_args=())
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
-    """Writes this step's k/v into layer `layer_idx`'s cache, then attends. Shapes as the reference."""
+@torch.library.custom_op("compiled_serve::paged_attention", mutates_args=("kv_cache",))
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Writes this step's k/v into `kv_cache` (this layer's), then attends. Shapes as the reference."""
     meta = current_forward_context()
-    kv_cache = meta.kv_caches[layer_idx]
     write_kv_reference(k, v, kv_cache, meta.slot_mapping)
     seq_lens = meta.seq_lens_host if meta.seq_lens_host is not None else meta.seq_lens.tolist()
     qsl = meta.query_start_loc_host if meta.query_start_loc_host is not None else meta.query_start_loc.tolist()
@@ -86,17 +96,32 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx
 
 
 @paged_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.empty_like(q)
 
 
 @paged_attention.register_kernel("cuda")
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """On CUDA: the Triton KV write + unified paged-attention kernel, no host syncs."""
     from compiled_serve.kernels.kv_write import paged_attention_with_kv_write_triton
 
     meta = current_forward_context()
     return paged_attention_with_kv_write_triton(
-        q, k, v, meta.kv_caches[layer_idx], meta.slot_mapping, meta.block_tables, meta.seq_lens,
+        q, k, v, kv_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens,
         meta.query_start_loc, meta.max_query_len, meta.max_seq_len, scale,
     )
+
+
+@torch.library.custom_op("compiled_serve::step_kv_caches", mutates_args=("caches",))
+def step_kv_caches(caches: list[torch.Tensor]) -> None:
+    """Marks the step's per-layer caches [2, num_blocks, block_size, num_kv_heads, head_dim] as graph inputs."""
+
+
+@step_kv_caches.register_fake
+def _(caches: list[torch.Tensor]) -> None:
+    return None
+
+
+def kv_caches_for_step() -> list[torch.Tensor]:
+    """The forward context's per-layer caches; none outside a step (a dense, unpaged call)."""
+    return current_forward_context().kv_caches if in_forward_context() else []

@@ -1,9 +1,9 @@
 """Dead-code elimination that keeps side effects fx cannot see.
 
 `Graph.eliminate_dead_code` trusts op schemas and never keeps a method call. Here a node also
-stays when it mutates (an in-place method such as `x.add_(y)`, an op with a mutable schema) or
-is a compiled_serve op not known pure: `paged_attention` writes the KV cache although its
-schema declares no mutation, so its result may go unread and it must still run.
+stays when it mutates (an in-place method such as `x.add_(y)`, an op with a mutable schema such
+as `paged_attention`, which writes its `kv_cache` argument) or is a compiled_serve op not known
+pure: a plug-in's op that forgets to declare its writes still runs.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+from compiled_serve.kernels.paged_attention import kv_caches_for_step
 from compiled_serve.passes.base import GraphPass, count_ops
 from compiled_serve.passes.manager import PassManager
 from compiled_serve.passes.registry import default_pass_manager
@@ -77,20 +78,27 @@ def compile_model(
     """`passes`: a pass manager or a pass list; None = the default pipeline."""
     report = CompileReport()
     backend = make_backend(as_pass_manager(passes), mode, report)
-    compiled = torch.compile(_own_entry_point(model), backend=backend, dynamic=True, fullgraph=True)
+    compiled = torch.compile(step_entry_point(model), backend=backend, dynamic=True, fullgraph=True)
     return compiled, report
 
 
-def _own_entry_point(model: torch.nn.Module) -> Callable:
+def step_entry_point(model: torch.nn.Module) -> Callable:
     """`model.forward` behind a function with a code object of its own.
 
     Dynamo keeps compiled graphs, and its recompile budget, per code object. Every model of one
     architecture shares `forward`'s code, so each engine in a process would add its graphs to the
     same cache until `fullgraph=True` hits the recompile limit. A fresh code object per compile
     gives each engine its own cache.
+
+    It also names the step's KV caches (`compiled_serve::step_kv_caches`): read from the forward
+    context at call time, they are inputs of the captured graph, so the paged-attention ops can
+    take them as arguments and declare their writes. The caller's signature stays
+    `(input_ids, positions)`; compile and call it inside `forward_context`.
     """
 
     def step(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # The forward context's KV caches become graph inputs (PagedAttentionPass wires them).
+        torch.ops.compiled_serve.step_kv_caches(kv_caches_for_step())
         return model.forward(input_ids, positions)
 
     return types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,40 +24,73 @@ def tiny_model(kind: str = "llama", dtype: torch.dtype = torch.float32) -> torch
     return ours_from_hf(tiny_hf_model(kind, num_hidden_layers=LAYERS), dtype=dtype).eval()
 
 
+class _Captured(Exception):
+    """Raised by the capturing backend: the graph is recorded and never run (inside a step the dense
+    attention would refuse to)."""
+
+
 @functools.cache
-def _captured(kind: str, module: torch.nn.Module | None = None, dtype: torch.dtype = torch.float32) -> tuple[torch.fx.GraphModule, list[Any]]:
+def _captured(kind: str, module: torch.nn.Module | None = None, dtype: torch.dtype = torch.float32,
+              num_caches: int | None = None) -> tuple[torch.fx.GraphModule, list[Any]]:
+    from compiled_serve.kernels.forward_context import forward_context
+    from compiled_serve.passes.pipeline import step_entry_point
+
     graphs: list[tuple[torch.fx.GraphModule, list[Any]]] = []
 
     def grab(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
         graphs.append((gm, inputs))
-        return gm.forward
+        raise _Captured
 
     torch._dynamo.reset()
     model = module if module is not None else tiny_model(kind, dtype)
-    with torch.no_grad():
-        torch.compile(model.forward, backend=grab, fullgraph=True, dynamic=True)(torch.arange(5), torch.arange(5))
+    step = torch.compile(step_entry_point(model), backend=grab, fullgraph=True, dynamic=True)
+    try:
+        caches = num_caches if num_caches is not None else count_attention_layers(model)
+        with torch.no_grad(), forward_context(fresh_cache_metadata([5], num_layers=caches)):
+            step(torch.arange(5), torch.arange(5))
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        if not isinstance(e.inner_exception, _Captured):
+            raise
     assert len(graphs) == 1
     return graphs[0]
 
 
-def capture(kind: str = "llama", module: torch.nn.Module | None = None,
-            dtype: torch.dtype = torch.float32) -> tuple[torch.fx.GraphModule, list[Any]]:
-    """A fresh copy of the dynamo graph of `tiny_model(kind, dtype)` (or `module`), and its example inputs."""
-    gm, inputs = _captured(kind, module, dtype)
+def count_attention_layers(model: torch.nn.Module) -> int:
+    """One KV cache per decoder layer (`model.model.layers`); a model without layers gets none."""
+    inner = getattr(model, "model", None)
+    return len(getattr(inner, "layers", ())) if inner is not None else 0
+
+
+def capture(kind: str = "llama", module: torch.nn.Module | None = None, dtype: torch.dtype = torch.float32,
+            num_caches: int | None = None) -> tuple[torch.fx.GraphModule, list[Any]]:
+    """A fresh copy of the pipeline's dynamo graph of `tiny_model(kind, dtype)` (or `module`), as the
+    engine captures it (the step's KV caches, `num_caches` or one per decoder layer, are graph
+    inputs), and its example inputs."""
+    gm, inputs = _captured(kind, module, dtype, num_caches)
     return copy.deepcopy(gm), inputs
+
+
+_CACHE_INPUT = re.compile(r"kv_caches_(\d+)_$")
 
 
 def graph_inputs(gm: torch.fx.GraphModule, example: list[Any], ids: torch.Tensor,
                  positions: torch.Tensor) -> list[Any]:
-    """The example inputs with the token inputs (and the symbolic token count) swapped for new ones."""
+    """The example inputs with the token inputs (and the symbolic token count) swapped for new ones,
+    and the KV-cache inputs for the current forward context's caches when there is one."""
+    from compiled_serve.kernels.forward_context import current_forward_context, in_forward_context
+
+    caches = current_forward_context().kv_caches if in_forward_context() else None
     out = []
     for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example):
+        cache = _CACHE_INPUT.search(node.name)
         if node.name.endswith("input_ids_"):
             value = ids
         elif node.name.endswith("positions_"):
             value = positions
+        elif cache is not None and caches is not None:
+            value = caches[int(cache.group(1))]
         elif isinstance(value, (int, torch.SymInt)):
-            value = ids.shape[0]
+            value = ids.shape[0]  # the only backed symbol: the caches' dims are static or unbacked
         out.append(value)
     return out
 

@@ -51,8 +51,8 @@ def _inputs(gm, example, ids, pos):
 
 def test_dead_code_keeps_the_cache_write_but_drops_pure_ops() -> None:
     graph = torch.fx.Graph()
-    q, k, v = (graph.placeholder(n) for n in "qkv")
-    graph.call_function(torch.ops.compiled_serve.paged_attention.default, (q, k, v, 0, 1.0))  # unread
+    q, k, v, cache = (graph.placeholder(n) for n in ("q", "k", "v", "cache"))
+    graph.call_function(torch.ops.compiled_serve.paged_attention.default, (q, k, v, cache, 1.0))  # unread
     graph.call_function(torch.ops.compiled_serve.causal_attention.default, (q, k, v, 1.0))  # unread
     graph.call_method("add_", (q, 1))  # unread, in place
     graph.output(q)

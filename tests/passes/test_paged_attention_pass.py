@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pass_testing
 import pytest
 import torch
 from pass_testing import HEAD_DIM as SHARED_HEAD_DIM
@@ -41,16 +44,8 @@ class TinyAttnModel(torch.nn.Module):
         return h
 
 
-def capture(model: torch.nn.Module) -> torch.fx.GraphModule:
-    graphs = []
-
-    def grab(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model.forward, backend=grab, fullgraph=True)(torch.arange(5), torch.arange(5))
-    return graphs[0]
+def capture(model: torch.nn.Module, num_caches: int = LAYERS) -> torch.fx.GraphModule:
+    return pass_testing.capture(type(model).__name__, model, num_caches=num_caches)[0]
 
 
 def meta_for(seq_tokens: list[int]):
@@ -65,9 +60,12 @@ def test_op_counts_before_and_after():
     after = count_ops(gm)
     assert after.get("compiled_serve::causal_attention", 0) == 0
     assert after["compiled_serve::paged_attention"] == LAYERS
-    layer_ids = [n.args[3] for n in gm.graph.nodes if n.op == "call_function"
-                 and n.target is torch.ops.compiled_serve.paged_attention.default]
-    assert layer_ids == list(range(LAYERS))
+    # Layer i writes the i-th cache input, in graph (= execution) order; the marker is gone.
+    caches = [n.args[3].name for n in gm.graph.nodes if n.op == "call_function"
+              and n.target is torch.ops.compiled_serve.paged_attention.default]
+    assert caches == [p.name for p in gm.graph.nodes if p.op == "placeholder" and "kv_caches" in p.name]
+    assert [int(name.rsplit("_", 2)[-2]) for name in caches] == list(range(LAYERS))
+    assert "compiled_serve::step_kv_caches" not in after
 
 
 def test_rewritten_graph_matches_eager_for_a_batch_of_sequences():
@@ -124,3 +122,49 @@ def test_uuid_tracks_source():
 
     assert PagedAttentionPass.uuid() != Changed.uuid()
     assert PagedAttentionPass.uuid() == PagedAttentionPass.uuid()
+
+
+def _one_layer_step(lens: list[int]):
+    """(q, k, v, cache, metadata) for a fresh prefill of `lens` into one empty cache."""
+    meta = fresh_cache_metadata(lens, num_blocks=8, num_layers=1)
+    gen = torch.Generator().manual_seed(sum(lens))
+    t = sum(lens)
+    q = torch.randn(t, HEADS, HEAD_DIM, generator=gen)
+    k, v = (torch.randn(t, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(2))
+    return q, k, v, meta.kv_caches[0], meta
+
+
+def test_op_declares_its_cache_write_and_passes_opcheck():
+    """The schema says `kv_cache` is written (opcheck fails an op that mutates undeclared)."""
+    schema = torch.ops.compiled_serve.paged_attention.default._schema
+    written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert written == ["kv_cache"]
+    q, k, v, cache, meta = _one_layer_step([5, 3])
+    with forward_context(meta):
+        torch.library.opcheck(torch.ops.compiled_serve.paged_attention.default, (q, k, v, cache, HEAD_DIM**-0.5))
+
+
+def read_write_read(q, k, v, cache):  # type: ignore[no-untyped-def]
+    """The same cache read on both sides of a write whose result goes unread: only a declared
+    write keeps the op (pure and unused, it is dead code) and keeps the reads apart (CSE)."""
+    before = cache.sum()
+    torch.ops.compiled_serve.paged_attention(q, k, v, cache, HEAD_DIM**-0.5)
+    return before, cache.sum()
+
+
+@pytest.mark.heavy
+def test_inductor_orders_cache_reads_around_the_write():
+    """Under functionalization and Inductor (DCE, CSE, reordering, reinplacing) the read after the
+    write sees the new keys, the read before it does not, and the write lands in the caller's cache."""
+    q, k, v, cache, meta = _one_layer_step([6])
+    torch._dynamo.reset()
+    compiled = torch.compile(read_write_read, backend="inductor", fullgraph=True, dynamic=True)
+    eager_cache = cache.clone()
+    # No cache hits: the compile caches do not key on an op's schema, only on the graph.
+    with torch._inductor.config.patch(force_disable_caches=True), torch.no_grad(), forward_context(meta):
+        before, after = compiled(q, k, v, cache)
+    with torch.no_grad(), forward_context(dataclasses.replace(meta, kv_caches=[eager_cache], cpu_decode_plan=None)):
+        want = read_write_read(q, k, v, eager_cache)
+    assert float(before) == 0.0 and float(want[1]) != 0.0
+    torch.testing.assert_close(after, want[1])
+    assert torch.equal(cache, eager_cache)  # written in place, as eagerly
