@@ -82,9 +82,14 @@ def _philox_uniform(idx, seed, offset):
     return ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
 
 
-# Batch-dependent integers are not specialised (see kernels/triton_paged_attention.py): new
-# batch sizes must never compile a new variant. vocab and the row stride are the model's.
-@triton.jit(do_not_specialize=["tiles_per_chunk"])
+# New batch sizes must never compile a new variant (see kernels/triton_paged_attention.py), so
+# batch-dependent integers are not specialised, nor the alignment of the per-row settings: the
+# engine packs them into one buffer (engine/step_sampler.py), so their offsets move with N.
+# vocab, the row stride and the logits pointer stay specialised (vectorised loads).
+_SETTINGS = ["temperature_ptr", "greedy_ptr", "top_k_ptr", "top_p_ptr", "min_p_ptr", "seed_ptr", "offset_ptr"]
+
+
+@triton.jit(do_not_specialize=["tiles_per_chunk"], do_not_specialize_on_alignment=_SETTINGS[:4])
 def _chunk_stats_kernel(
     stats_ptr,  # [N, C, _STATS] float32
     greedy_arg_ptr,  # [N, C] int32, the chunk's first maximum
@@ -121,7 +126,7 @@ def _chunk_stats_kernel(
         tl.store(greedy_arg_ptr + part, arg)
 
 
-@triton.jit(do_not_specialize=["tiles_per_chunk"])
+@triton.jit(do_not_specialize=["tiles_per_chunk"], do_not_specialize_on_alignment=_SETTINGS)
 def _chunk_race_kernel(
     race_best_ptr,  # [N, C] float32, the chunk's best score (-1: nothing kept)
     race_arg_ptr,  # [N, C] int32, its first token with that score
@@ -165,7 +170,7 @@ def _chunk_race_kernel(
         tl.store(race_arg_ptr + part, winner)
 
 
-@triton.jit(do_not_specialize=["num_chunks"])
+@triton.jit(do_not_specialize=["num_chunks"], do_not_specialize_on_alignment=_SETTINGS[:4])
 def _merge_chunks_kernel(
     token_ptr,  # [N] int64
     logprob_ptr,  # [N] float32
@@ -199,7 +204,7 @@ def _merge_chunks_kernel(
         tl.store(logprob_ptr + row, (x_token - top) - tl.log(total))
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=_SETTINGS)
 def _row_kernel_where_needed(
     token_ptr, logprob_ptr, logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr,
     offset_ptr, greedy_ptr, vocab, stride_row, BLOCK: tl.constexpr, SPLITS: tl.constexpr,

@@ -166,16 +166,20 @@ def test_gpu_split_path_replays_in_a_graph_without_syncs_or_new_compiles(cuda_de
     def compiled_variants() -> int:
         return sum(len(k.device_caches[torch.cuda.current_device()][0]) for k in kernels)
 
-    def inputs(rows: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        return _random_logits(rows, vocab, seed=rows).to(cuda_device), _random_settings(
-            rows, vocab, rows, cuda_device
-        )
+    def inputs(rows: int, shifted: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """shifted: settings 4 bytes off alignment, as the engine's packed buffer gives them for some N."""
+        settings = _random_settings(rows, vocab, rows, cuda_device)
+        if shifted:
+            settings = tuple(
+                t if t.dtype == torch.bool else torch.cat([t.new_zeros(1), t])[1:] for t in settings
+            )
+        return _random_logits(rows, vocab, seed=rows).to(cuda_device), settings
 
     logits, settings = inputs(3)
     eager = fused_sample_triton(logits, *settings)
     variants = compiled_variants()
     for rows in (1, 16, 37, 256):  # new batch sizes (== 1, % 16, other) reuse the compiled kernels
-        other_logits, other_settings = inputs(rows)
+        other_logits, other_settings = inputs(rows, shifted=rows != 256)
         fused_sample_triton(other_logits, *other_settings)
     assert compiled_variants() == variants
     torch.cuda.synchronize()
