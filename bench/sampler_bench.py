@@ -5,7 +5,8 @@ Shapes (rows, vocab): (1, 128256) batch 1 at Llama-3's vocabulary (W3), (128, 12
 top-p 0.9 (the split path hands these to the per-row kernel), and mixed (temperature rows, every
 8th with top-p 0.9). `us` is triton.testing.do_bench's median (eager launches, host overhead
 included), `graph us` the median of CUDA-graph replays (as the engine's decode steps run it);
-`floor us` reads the logits once at the measured D2D copy bandwidth.
+`floor us` reads the logits once at the measured D2D copy bandwidth (at batch 1 the 0.5 MB row
+stays in L2 between graph replays, so launches, not bandwidth, bound it there).
 
     python bench/sampler_bench.py [--dtype float32|bfloat16] [--programs 528,1056] [--out DIR]
 
