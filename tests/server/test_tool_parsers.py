@@ -1,0 +1,138 @@
+"""Tool-call and reasoning parsers on crafted transcripts: the final parse against hand-written
+expectations (arguments compared as decoded JSON), and the streamed deltas, for the text cut at
+every split point and fed one character at a time, joining into exactly the final parse."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+
+from compiled_serve.server.output_parsing import ChoiceParser, OutputParsers, parse_output
+from compiled_serve.server.reasoning import REASONING_PARSERS
+from compiled_serve.server.tool_parsers import TOOL_PARSERS, ForcedCallParser
+
+WEATHER = '{"city": "Paris", "unit": "celsius", "days": [1, 2], "note": "a \\"quoted\\" }"}'
+
+# (parser, reasoning parser, text, expected reasoning, expected content, expected calls)
+CASES: list[tuple[str, str | None, str, str | None, str, list[tuple[str, Any]]]] = [
+    ("hermes", None, "Just text, no calls.", None, "Just text, no calls.", []),
+    ("hermes", None, f'<tool_call>\n{{"name": "weather", "arguments": {WEATHER}}}\n</tool_call>',
+     None, "", [("weather", json.loads(WEATHER))]),
+    ("hermes", None, 'Let me check.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+     '<tool_call>\n{"arguments": {"y": -2.5e3}, "name": "b"}\n</tool_call>',
+     None, "Let me check.\n", [("a", {"x": 1}), ("b", {"y": -2.5e3})]),
+    ("hermes", None, '<tool_call>{"name": "a", "arguments": {"x": 1}}', None, "", [("a", {"x": 1})]),
+    ("hermes", None, '<tool_call>{"name": "q", "arguments": "{\\"k\\": [true, null]}"}</tool_call>',
+     None, "", [("q", {"k": [True, None]})]),
+    # Broken calls: the whole text is content.
+    ("hermes", None, '<tool_call>{"name": "a", "arguments": {"x": 1}', None,
+     '<tool_call>{"name": "a", "arguments": {"x": 1}', []),
+    ("hermes", None, "I use <tool_call> tags like <tool_call>this</tool_call>.", None,
+     "I use <tool_call> tags like <tool_call>this</tool_call>.", []),
+    ("llama3_json", None, '{"name": "weather", "parameters": {"city": "Oslo"}}', None, "",
+     [("weather", {"city": "Oslo"})]),
+    ("llama3_json", None, '<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"z": "é"}}',
+     None, "", [("a", {}), ("b", {"z": "é"})]),
+    ("llama3_json", None, '{"answer": 42}', None, '{"answer": 42}', []),
+    ("llama3_json", None, "  Plain words.", None, "  Plain words.", []),
+    ("mistral", None, 'Sure. [TOOL_CALLS][{"name": "a", "arguments": {"n": 10}}, {"name": "b", "arguments": {}}]',
+     None, "Sure. ", [("a", {"n": 10}), ("b", {})]),
+    ("mistral", None, "[TOOL_CALLS] oops", None, "[TOOL_CALLS] oops", []),
+    ("forced", None, '[{"name": "a", "arguments": {"n": 1}}, {"name": "b", "arguments": {"s": "]"}}]',
+     None, "", [("a", {"n": 1}), ("b", {"s": "]"})]),
+    # Reasoning first; the tool parser sees only the content.
+    ("hermes", "qwen3", '<think>Should I call <tool_call>? Yes.</think>\n<tool_call>\n{"name": "a", '
+     '"arguments": {"x": 1}}\n</tool_call>', "Should I call <tool_call>? Yes.", "\n", [("a", {"x": 1})]),
+    ("hermes", "qwen3", "No thinking here </think> at all.", None, "No thinking here </think> at all.", []),
+    ("hermes", "qwen3", "<think>cut off while thin", "cut off while thin", "", []),
+    (None, "deepseek_r1", "reasoning first</think>The answer.", "reasoning first", "The answer.", []),
+    (None, "deepseek_r1", "<think>opened again</think>", "opened again", "", []),
+    (None, "deepseek_r1", "never closed <", "never closed <", "", []),
+]
+
+
+UNFINISHED_CALLS = {'<tool_call>{"name": "a", "arguments": {"x": 1}'}
+
+
+def _parsers(tool: str | None, reasoning: str | None) -> OutputParsers:
+    tools = ForcedCallParser() if tool == "forced" else TOOL_PARSERS[tool]() if tool else None
+    return OutputParsers(REASONING_PARSERS[reasoning] if reasoning else None, tools)
+
+
+def _ids() -> Any:
+    counter = itertools.count()
+    return lambda: f"call_{next(counter)}"
+
+
+def _joined(parsers: OutputParsers, prefixes: list[str], text: str) -> dict[str, Any]:
+    parser = ChoiceParser(parsers, _ids())
+    reasoning, content, calls = "", "", {}
+    for delta in [parser.update(p) for p in prefixes] + [parser.finish(text)]:
+        reasoning += delta.reasoning
+        content += delta.content
+        for call in delta.tool_calls:
+            if call.index not in calls:
+                assert call.id is not None and call.name is not None, "a call's first delta carries id and name"
+                assert call.index == len(calls), "calls appear in order"
+                calls[call.index] = {"id": call.id, "name": call.name, "arguments": ""}
+            else:
+                assert call.id is None and call.name is None, "id and name are sent once"
+            calls[call.index]["arguments"] += call.arguments
+    return {"reasoning": reasoning, "content": content, "calls": [calls[i] for i in sorted(calls)]}
+
+
+def _final(parsers: OutputParsers, text: str) -> dict[str, Any]:
+    parsed = parse_output(parsers, text, _ids())
+    return {"reasoning": parsed.reasoning or "", "content": parsed.content,
+            "calls": [{"id": i, "name": c.name, "arguments": c.arguments} for i, c in zip(parsed.call_ids, parsed.calls)]}
+
+
+@pytest.mark.parametrize("tool, reasoning, text, want_reasoning, want_content, want_calls", CASES)
+def test_final_parse(tool: str | None, reasoning: str | None, text: str, want_reasoning: str | None,
+                     want_content: str, want_calls: list[tuple[str, Any]]) -> None:
+    parsed = parse_output(_parsers(tool, reasoning), text)
+    assert parsed.reasoning == want_reasoning
+    assert parsed.content == want_content
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.calls] == want_calls
+    assert len(set(parsed.call_ids)) == len(parsed.calls)
+
+
+@pytest.mark.parametrize("tool, reasoning, text", [case[:3] for case in CASES])
+def test_stream_joins_into_final_at_every_split(tool: str | None, reasoning: str | None, text: str) -> None:
+    parsers = _parsers(tool, reasoning)
+    want = _final(parsers, text)
+    prefix_lists = [[text[:i] for i in range(len(text) + 1)]] + [[text[:cut]] for cut in range(len(text) + 1)]
+    for prefixes in prefix_lists:
+        joined = _joined(parsers, prefixes, text)
+        if text in UNFINISHED_CALLS:
+            # A call announced while it was written cannot be taken back; the content still
+            # falls back to the whole text, as in the final parse.
+            joined["calls"] = []
+        assert joined == want, f"fed {prefixes[-1]!r} before the end"
+
+
+def test_arguments_stream_in_fragments_after_the_name() -> None:
+    text = '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    parser = ChoiceParser(OutputParsers(tools=TOOL_PARSERS["hermes"]()), _ids())
+    deltas = [parser.update(text[:i]) for i in range(len(text) + 1)] + [parser.finish(text)]
+    calls = [call for d in deltas for call in d.tool_calls]
+    assert calls[0].name == "weather" and calls[0].id == "call_0"
+    assert len(calls) > 5, "arguments arrive as they are generated, not at the end"
+    assert all(not d.content for d in deltas), "no marker text leaks into the content"
+
+
+def test_content_is_never_sent_before_it_is_known_not_to_open_a_call() -> None:
+    parser = ChoiceParser(OutputParsers(tools=TOOL_PARSERS["hermes"]()), _ids())
+    assert parser.update("Hi <tool_ca").content == "Hi "
+    assert parser.update("Hi <tool_cab").content == "<tool_cab"
+
+
+def test_parsers_never_evaluate_model_output() -> None:
+    # Python literals are not JSON: a parser that used eval/ast would accept these.
+    for text in ["<tool_call>{'name': 'a', 'arguments': {}}</tool_call>",
+                 '<tool_call>{"name": "a", "arguments": {"x": __import__("os")}}</tool_call>',
+                 '<tool_call>{"name": "a", "arguments": {"x": True}}</tool_call>']:
+        assert parse_output(_parsers("hermes", None), text).calls == []
