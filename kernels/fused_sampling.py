@@ -2,8 +2,8 @@
 
 `compiled_serve::fused_sample(logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy,
 repetition_penalty=None, seen_mask=None, frequency_penalty=None, presence_penalty=None,
-output_counts=None) -> (token_ids, logprobs)` takes logits [N, V] (logit bias and min-tokens
-suppression already applied: they are sparse exact edits) and returns one token per row and its
+output_counts=None, bitmask=None) -> (token_ids, logprobs)` takes logits [N, V] (logit bias and
+min-tokens suppression already applied: they are sparse exact edits) and returns one token per row and its
 log-prob under log_softmax(logits), the unpenalised distribution. Its semantics are `logits_tail`
 (kernels/logits_tail.py), the one pure-torch reference: HF repetition penalty over `seen_mask`
 (token in prompt or output), then OpenAI frequency/presence over `output_counts`, each group given
@@ -12,8 +12,12 @@ exponential race `argmax(probs / E)` with Philox noise keyed by (seed, offset) (
 greedy rows (and rows with temperature <= 0) take the argmax of the penalised logits. Parameter
 conventions: top_k <= 0 or >= V is off, top_p in (0, 1] with 1 off, min_p in [0, 1] with 0 off.
 
+A grammar `bitmask` (int32 [N, ceil(V/32)], kernels/token_bitmask.py) sets disallowed tokens
+to -inf before everything else, so logprobs then come from the masked row. Without one (every
+unconstrained batch) nothing extra runs: the argument is None and the graph has no mask node.
+
 CUDA runs the Triton kernel (kernels/triton_sampler.py, imported lazily so CPU installs need no
-Triton); every other device runs `logits_tail` itself.
+Triton), after the bitmask's own Triton pass (kernels/triton_token_bitmask.py); every other device runs `logits_tail` itself.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from compiled_serve.kernels.logits_tail import logits_tail
+from compiled_serve.kernels.token_bitmask import check_bitmask
 
 
 def check_penalty_inputs(
@@ -66,12 +71,15 @@ def fused_sample(
     frequency_penalty: torch.Tensor | None = None,
     presence_penalty: torch.Tensor | None = None,
     output_counts: torch.Tensor | None = None,
+    bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, V] and [N] per-row settings -> (token_ids [N] int64, logprobs [N] float32)."""
     check_penalty_inputs(logits, repetition_penalty, seen_mask, frequency_penalty, presence_penalty, output_counts)
+    if bitmask is not None:
+        check_bitmask(logits, bitmask)
     return logits_tail(
         logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy,
-        repetition_penalty, seen_mask, frequency_penalty, presence_penalty, output_counts,
+        repetition_penalty, seen_mask, frequency_penalty, presence_penalty, output_counts, bitmask,
     )  # fmt: skip
 
 
@@ -90,9 +98,12 @@ def _(
     frequency_penalty: torch.Tensor | None = None,
     presence_penalty: torch.Tensor | None = None,
     output_counts: torch.Tensor | None = None,
+    bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from compiled_serve.kernels.triton_sampler import fused_sample_triton
 
+    if bitmask is not None:  # one bandwidth-bound pass; the sampler then sees -inf like a suppression
+        logits = torch.ops.compiled_serve.token_bitmask(logits, bitmask)
     return fused_sample_triton(
         logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy,
         repetition_penalty, seen_mask, frequency_penalty, presence_penalty, output_counts,
@@ -114,8 +125,11 @@ def _(
     frequency_penalty: torch.Tensor | None = None,
     presence_penalty: torch.Tensor | None = None,
     output_counts: torch.Tensor | None = None,
+    bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_penalty_inputs(logits, repetition_penalty, seen_mask, frequency_penalty, presence_penalty, output_counts)
+    if bitmask is not None:
+        check_bitmask(logits, bitmask)
     num_rows = logits.shape[0]
     return logits.new_empty((num_rows,), dtype=torch.int64), logits.new_empty(
         (num_rows,), dtype=torch.float32

@@ -1,6 +1,7 @@
 """The logits tail in plain PyTorch: the one sampling reference, and the graph the engine compiles.
 
     logits [N, V]
+      -> grammar bitmask: -inf on disallowed tokens (`compiled_serve::token_bitmask`), when given
       -> repetition penalty (over seen_mask) -> frequency / presence penalty (over output_counts)
       -> greedy rows: argmax
       -> temperature -> top-k / top-p / min-p (`compiled_serve::sampling_filter`) -> softmax
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 
 import compiled_serve.kernels.sampling_stages  # noqa: F401  (registers the stage ops)
+import compiled_serve.kernels.token_bitmask  # noqa: F401  (registers token_bitmask)
 
 
 def apply_penalties(
@@ -64,9 +66,12 @@ def logits_tail(
     frequency_penalty: torch.Tensor | None = None,  # [N] float32
     presence_penalty: torch.Tensor | None = None,  # [N] float32
     output_counts: torch.Tensor | None = None,  # [N, V] float32, occurrences in the output
+    bitmask: torch.Tensor | None = None,  # [N, ceil(V/32)] int32, grammar-allowed tokens (bit set)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token_ids [N] int64, logprobs [N] float32)."""
+    """(token_ids [N] int64, logprobs [N] float32). With a bitmask, logprobs are those of the masked row."""
     raw = logits.float()  # [N, V]
+    if bitmask is not None:
+        raw = torch.ops.compiled_serve.token_bitmask(raw, bitmask)  # [N, V], -inf where disallowed
     penalised = apply_penalties(raw, repetition_penalty, seen_mask, frequency_penalty, presence_penalty,
                                 output_counts)  # fmt: skip
     greedy = greedy | (temperature <= 0)  # [N]

@@ -1,7 +1,8 @@
 """FusedSamplingPass: the whole logits tail (kernels/logits_tail.py) becomes one op.
 
-Before (as dynamo captures `logits_tail`; the penalty blocks are there only when given):
+Before (as dynamo captures `logits_tail`; the bitmask and penalty blocks are there only when given):
     raw = logits.float()                                            # [N, V] f32
+    raw = compiled_serve.token_bitmask(raw, bitmask)                # grammar mask, -inf
     pen = rep[:, None]                                              # repetition (HF)
     p = torch.where(seen, torch.where(raw > 0, raw / pen, raw * pen), raw)
     p = p - freq[:, None] * counts                                  # frequency / presence (OpenAI)
@@ -14,7 +15,7 @@ Before (as dynamo captures `logits_tail`; the penalty blocks are there only when
     logprobs = raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]          # [N]
 After:
     out = compiled_serve.fused_sample(raw, temperature, top_k, top_p, min_p, seeds, offsets,
-                                      greedy, rep, seen, freq, pres, counts)
+                                      greedy, rep, seen, freq, pres, counts, bitmask)
     token_ids, logprobs = out[0], out[1]
 
 Every link is checked, operands included: the same `g` in both `where`s and in the noise, the
@@ -35,6 +36,7 @@ import torch.fx
 
 import compiled_serve.kernels.fused_sampling  # noqa: F401  (registers fused_sample)
 import compiled_serve.kernels.sampling_stages  # noqa: F401  (registers the stage ops)
+import compiled_serve.kernels.token_bitmask  # noqa: F401  (registers token_bitmask)
 from compiled_serve.passes.base import GraphPass, op_name
 from compiled_serve.passes.dead_code import has_side_effects
 from compiled_serve.passes.matching import arg, copy_meta, dims, kind, tensor_meta, value
@@ -42,6 +44,7 @@ from compiled_serve.passes.matching import arg, copy_meta, dims, kind, tensor_me
 FILTER_OP = "compiled_serve::sampling_filter"
 NOISE_OP = "compiled_serve::philox_exponential"
 FUSED_OP = "compiled_serve::fused_sample"
+BITMASK_OP = "compiled_serve::token_bitmask"
 
 # Spellings dynamo uses for the ops `kind()` does not fold (functions and tensor methods).
 _FUNCTIONS: dict[str, tuple[Any, ...]] = {
@@ -214,9 +217,12 @@ def match_tail(token_where: Any) -> TailMatch | None:
     logits_meta = tensor_meta(penalised)
     if peeled is None or logits_meta is None or not _same_size(value(width), logits_meta.shape[-1]):
         return None
-    raw, penalties = peeled
-    args = (raw, temperature, top_k, top_p, min_p, seeds, offsets, greedy, *penalties.as_args())
-    return TailMatch(token_where, _match_logprobs(token_where, raw), args)
+    masked, penalties = peeled
+    raw, bitmask = masked, None
+    if is_op(masked, BITMASK_OP) and len(masked.args) == 2 and not masked.kwargs and _is_float32(masked.args[0]):
+        raw, bitmask = masked.args  # the op masks first; its logprobs are the masked row's
+    args = (raw, temperature, top_k, top_p, min_p, seeds, offsets, greedy, *penalties.as_args(), bitmask)
+    return TailMatch(token_where, _match_logprobs(token_where, masked), args)
 
 
 def _same_size(a: Any, b: Any) -> bool:
@@ -243,7 +249,7 @@ def _match_logprobs(token_ids: torch.fx.Node, raw: Any) -> torch.fx.Node | None:
 
 
 def _is_stage_op(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and op_name(node.target) in (FILTER_OP, NOISE_OP, FUSED_OP)
+    return node.op == "call_function" and op_name(node.target) in (FILTER_OP, NOISE_OP, FUSED_OP, BITMASK_OP)
 
 
 class FusedSamplingPass(GraphPass):

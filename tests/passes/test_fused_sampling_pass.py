@@ -94,7 +94,8 @@ def test_tail_becomes_one_fused_sample(groups: str) -> None:
     assert all(after.get(op, 0) == 0 for op in UNFUSED_OPS), after
     assert set(after) <= {"compiled_serve::fused_sample", "getitem", "Tensor.float"}, after
     fused = next(n for n in gm.graph.nodes if n.op == "call_function" and "fused_sample" in str(n.target))
-    given = [a is not None for a in fused.args[8:]]
+    given = [a is not None for a in fused.args[8:13]]
+    assert fused.args[13] is None  # no bitmask: tests/passes/test_fused_sampling_bitmask.py
     assert given == {"none": [False] * 5, "repetition": [True, True, False, False, False],
                      "frequency": [False, False, True, True, True], "both": [True] * 5}[groups]  # fmt: skip
 
@@ -202,7 +203,7 @@ def test_penalties_in_another_order_fuse_from_the_frequency_penalised_logits() -
     ops = count_ops(graphs[0])
     assert ops["compiled_serve::fused_sample"] == 1 and ops["sub"] == 2 and ops["Tensor.log_softmax"] == 1
     fused = next(n for n in graphs[0].graph.nodes if "fused_sample" in str(n.target))
-    assert [a is not None for a in fused.args[8:]] == [True, True, False, False, False]
+    assert [a is not None for a in fused.args[8:]] == [True, True, False, False, False, False]
 
 
 def test_tail_pipeline_and_build_key() -> None:
