@@ -73,6 +73,10 @@ def _add_serve_parser(commands: Any) -> None:
                             "none: the model's file or directory name")
     serve.add_argument("--allow-request-chat-template", action="store_true",
                        help="let requests supply their own (sandboxed) chat template (default: off)")
+    serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
+                       default=ServerConfig.field_defaults()["engine_process"],
+                       help="run the engine in its own process, so HTTP and detokenization never hold its "
+                            "GIL; --no-engine-process: on a thread of the server process")
 
 
 def _add_chat_parser(commands: Any) -> None:
@@ -115,7 +119,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     server_args["api_key"] = server_args["api_key"] or os.environ.get("COMPILED_SERVE_API_KEY") or None
     served = tuple(args.served_model_names) if args.served_model_names else None
     return ServerConfig(**server_args, served_model_names=served,
-                        allow_request_chat_template=args.allow_request_chat_template)
+                        allow_request_chat_template=args.allow_request_chat_template,
+                        engine_process=args.engine_process)
 
 
 def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
@@ -153,8 +158,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def _serve_on(sock: Any, args: argparse.Namespace, engine_config: EngineConfig, server_config: ServerConfig) -> int:
     from compiled_serve.embedding import EmbeddingEngine, is_embedding_model
-    from compiled_serve.server.app import build_app, uvicorn_config
-    from compiled_serve.server.listen import HTTPServer, socket_url
+    from compiled_serve.server.app import build_app
 
     if is_embedding_model(engine_config.model):
         _refuse_engine_flags_for_embeddings(args)
@@ -164,12 +168,29 @@ def _serve_on(sock: Any, args: argparse.Namespace, engine_config: EngineConfig, 
         report = {"model": app.state.server.model_name, "architecture": "BertModel (embeddings)",
                   "dtype": "float32", "device": device, "max_seq_length": embedder.max_seq_length,
                   "dimension": embedder.dimension}
+    elif server_config.engine_process:
+        from compiled_serve.server.engine_client import EngineCoreClient
+
+        engine = EngineCoreClient.start(engine_config, log_level=args.log_level)
+        try:
+            app = build_app(server_config, engine=engine, model=engine_config.model)
+            return _run_server(sock, args, app, server_config, engine.startup_report())
+        finally:
+            engine.close()  # after the server drained: the core exits (or is killed) within ~2 s
     else:
         from compiled_serve.startup import start_engine
 
         engine = start_engine(engine_config)
         app = build_app(server_config, engine=engine, model=engine_config.model)
         report = engine.startup_report()
+    return _run_server(sock, args, app, server_config, report)
+
+
+def _run_server(sock: Any, args: argparse.Namespace, app: Any, server_config: ServerConfig,
+                report: dict[str, Any]) -> int:
+    from compiled_serve.server.app import uvicorn_config
+    from compiled_serve.server.listen import HTTPServer, socket_url
+
     _print_report(report)
 
     def listening() -> None:

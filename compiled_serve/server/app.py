@@ -13,10 +13,10 @@ from fastapi import FastAPI
 
 from compiled_serve.server import chat, completions, embeddings, routes
 from compiled_serve.server.config import ServerConfig
-from compiled_serve.server.engine_loop import EngineLoop
 from compiled_serve.server.errors import install_error_handlers
 from compiled_serve.server.metrics import ServerMetrics
 from compiled_serve.server.middleware import ApiKeyAuth, BodySizeLimit, HeaderLimits
+from compiled_serve.server.process_loop import open_engine_loop
 from compiled_serve.server.state import ServerState, server_version
 
 logger = logging.getLogger("compiled_serve.server")
@@ -37,9 +37,9 @@ def default_served_name(model: str | None) -> str:
 
 def build_app(config: ServerConfig, *, engine: Any = None, embedder: Any = None,
               model: str | None = None) -> FastAPI:
-    """`engine`: an LLMEngine (served through an EngineLoop thread); `embedder`: an
-    EmbeddingEngine. Exactly one is given. `model` is the name the CLI loaded (for the default
-    served model name)."""
+    """`engine`: an EngineCoreClient (its own process, a ProcessEngineLoop talks to it) or an
+    LLMEngine (served through an EngineLoop thread); `embedder`: an EmbeddingEngine. Exactly one
+    is given. `model` is the name the CLI loaded (for the default served model name)."""
     if (engine is None) == (embedder is None):
         raise ValueError("build_app needs exactly one of engine or embedder")
     names = config.served_model_names or (default_served_name(model),)
@@ -47,16 +47,16 @@ def build_app(config: ServerConfig, *, engine: Any = None, embedder: Any = None,
     metrics = ServerMetrics(lambda: state_ref["state"].engine_loop.stats
                             if state_ref and state_ref["state"].engine_loop is not None else None)
     if engine is not None:
-        engine_loop = EngineLoop(engine, max_waiting_requests=config.max_waiting_requests,
-                                 retry_after_s=config.retry_after_s, metrics=metrics)
-        template = engine.chat_template
+        engine_loop = open_engine_loop(engine, max_waiting_requests=config.max_waiting_requests,
+                                       retry_after_s=config.retry_after_s, metrics=metrics)
+        served = engine_loop.served_model
+        template = served.chat_template
         if config.chat_template_file is not None:
             template = Path(config.chat_template_file).read_text()
-        state = ServerState(config=config, served_model_names=names, tokenizer=engine.tokenizer,
-                            max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size,
+        state = ServerState(config=config, served_model_names=names, tokenizer=served.tokenizer,
+                            max_model_len=served.max_model_len, vocab_size=served.vocab_size,
                             metrics=metrics, engine_loop=engine_loop, chat_template=template,
-                            max_logprobs=engine.config.max_logprobs,
-                            startup_report=engine.startup_report())
+                            max_logprobs=served.max_logprobs, startup_report=served.startup_report)
     else:
         state = ServerState(config=config, served_model_names=names, tokenizer=embedder.tokenizer,
                             max_model_len=embedder.max_seq_length, vocab_size=embedder.vocab_size,

@@ -31,6 +31,9 @@ class ServerConfig:
     allow_request_chat_template: bool = False
     # Graceful shutdown (SIGINT, SIGTERM): in-flight requests get this long to finish, then are aborted.
     shutdown_timeout_s: float = 2.0
+    # The engine in its own process (msgpack over a pipe), so HTTP, SSE and detokenization never hold
+    # its GIL; False: on a thread of the server process (one model load fewer to wait for in tests).
+    engine_process: bool = True
 
     def __post_init__(self) -> None:
         checks = [

@@ -1,9 +1,13 @@
-"""Runs the (not thread-safe) engine on a dedicated thread and streams outputs to asyncio.
+"""The engine loops: what the HTTP layer talks to, whichever process runs the engine.
 
-Every engine call happens on that thread: the event loop posts `add`/`abort` commands to a
-queue that the thread drains before each `engine.step()`. Each request has its own asyncio
-queue, fed with `loop.call_soon_threadsafe`. A request whose consumer goes away (client
-disconnect, cancelled task, error) is aborted, which frees its KV blocks.
+`EngineLoopBase` holds what both share: admission control, one asyncio queue per request,
+latency metrics, abort when a consumer goes away (client disconnect, cancelled task, error),
+which frees the request's KV blocks, and the graceful drain on shutdown.
+
+`EngineLoop` (here) runs the (not thread-safe) engine on a dedicated thread of the server
+process: the event loop posts `add`/`abort` commands to a queue that the thread drains before
+each `engine.step()`, and outputs reach each request's queue through `loop.call_soon_threadsafe`.
+`ProcessEngineLoop` (server/process_loop.py) talks to an engine-core process instead.
 """
 
 from __future__ import annotations
@@ -33,11 +37,29 @@ class EngineStoppedError(APIError):
         super().__init__(503, "The server is shutting down; the request was aborted.", code="shutting_down")
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What the HTTP layer needs to know about the model, whichever process runs it."""
+
+    tokenizer: Any
+    chat_template: str | None
+    max_model_len: int
+    vocab_size: int
+    max_logprobs: int
+    startup_report: dict[str, Any]
+
+    @classmethod
+    def of_engine(cls, engine: Any) -> ServedModel:
+        return cls(tokenizer=engine.tokenizer, chat_template=engine.chat_template,
+                   max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size,
+                   max_logprobs=engine.config.max_logprobs, startup_report=engine.startup_report())
+
+
 @dataclass
 class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException]
     timer: RequestTimer
-    tokens_seen: int = 0  # engine-thread bookkeeping for inter-token latency
+    tokens_seen: int = 0  # bookkeeping for inter-token latency
     scheduled: bool = False
 
 
@@ -64,33 +86,40 @@ class _Pending:
     lock: threading.Lock = field(default_factory=threading.Lock)
     adds: int = 0
 
+    def settled(self, count: int) -> None:
+        if count:
+            with self.lock:
+                self.adds -= count
 
-class EngineLoop:
-    def __init__(self, engine: Any, *, max_waiting_requests: int = 256, retry_after_s: int = 1,
+
+class EngineLoopBase:
+    """Subclasses implement `_start`, `_submit_add`, `_submit_abort`, `_stop` and `alive`."""
+
+    def __init__(self, served_model: ServedModel, *, max_waiting_requests: int = 256, retry_after_s: int = 1,
                  metrics: ServerMetrics | None = None):
-        self.engine = engine
+        self.served_model = served_model
         self.max_waiting_requests = max_waiting_requests
         self.retry_after_s = retry_after_s
         self.metrics = metrics
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._pending = _Pending()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._stats: Any = None
         self._dead = False
         self._draining = False
+        self._stopping: asyncio.Future[None] | None = None
 
     # --- lifecycle (event-loop side) ---------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._stats = self.engine.get_stats()  # the engine thread does not exist yet
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
+        self._start()
+
+    def _start(self) -> None:
+        raise NotImplementedError
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._dead
+        raise NotImplementedError
 
     @property
     def stats(self) -> Any:
@@ -102,14 +131,21 @@ class EngineLoop:
         return len(self._streams)
 
     async def shutdown(self, timeout_s: float) -> None:
-        """Refuse new work, let in-flight requests finish for `timeout_s`, abort the rest."""
+        """Refuse new work, let in-flight requests finish for `timeout_s`, abort the rest. A second
+        call (uvicorn's shutdown, then the app's lifespan) waits for the first."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._drain_and_stop(timeout_s))
+        await asyncio.shield(self._stopping)
+
+    async def _drain_and_stop(self, timeout_s: float) -> None:
         self._draining = True
         deadline = time.monotonic() + timeout_s
         while self._streams and self.alive and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self._commands.put(_Stop())
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30.0)
+        await self._stop()
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
 
     # --- requests (event-loop side) ------------------------------------------------------
     def _admit(self) -> None:
@@ -135,15 +171,16 @@ class EngineLoop:
         self._admit()
         if request_id in self._streams:
             raise APIError(400, "Duplicate request id.", code="duplicate_request_id")
+        prepared = await self._prepare(request_id, prompt, params)
         stream = _Stream(asyncio.Queue(), RequestTimer(self.metrics, arrival or time.monotonic()))
-        self._streams[request_id] = stream
         done: asyncio.Future[None] = self._loop.create_future()
         with self._pending.lock:
             self._pending.adds += 1
-        self._commands.put(_Add(request_id, prompt, params, done))
+        self._streams[request_id] = stream
         handle = RequestStream(self, request_id, stream)
         try:
-            # The engine thread settles `done`; if it dies first, nobody will, so keep checking.
+            self._submit_add(request_id, prepared, done)
+            # The engine side settles `done`; if it dies first, nobody will, so keep checking.
             while not done.done():
                 await asyncio.wait({done}, timeout=_LIVENESS_POLL_S)
                 if not done.done() and not self.alive:
@@ -154,12 +191,23 @@ class EngineLoop:
             raise
         return handle
 
+    async def _prepare(self, request_id: str, prompt: str | list[int], params: Any) -> Any:
+        """Whatever must happen before the engine sees the request; raises for bad input."""
+        raise NotImplementedError
+
+    def _submit_add(self, request_id: str, prepared: Any, done: asyncio.Future[None]) -> None:
+        """Hands the prepared request to the engine side, which settles `done` and `_pending`."""
+        raise NotImplementedError
+
+    def _submit_abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
     def _release(self, request_id: str, abort: bool) -> None:
         self._streams.pop(request_id, None)
         if abort:
-            self._commands.put(_Abort(request_id))
+            self._submit_abort(request_id)
 
-    # --- engine thread -------------------------------------------------------------------
+    # --- engine side (any thread) ----------------------------------------------------------
     def _resolve(self, future: asyncio.Future[None], error: BaseException | None) -> None:
         def settle() -> None:
             if future.done():
@@ -174,6 +222,10 @@ class EngineLoop:
     def _push(self, stream: _Stream, item: RequestOutput | BaseException) -> None:
         self._call_soon(stream.queue.put_nowait, item)
 
+    def _fail_streams(self, error_type: type[APIError]) -> None:
+        for stream in list(self._streams.values()):
+            self._push(stream, error_type())
+
     def _call_soon(self, callback: Any, *args: Any) -> None:
         assert self._loop is not None
         try:
@@ -181,6 +233,59 @@ class EngineLoop:
         except RuntimeError:  # the event loop is already closed: nobody is listening
             pass
 
+    def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
+        """Cumulative outputs to their streams, with the latency metrics."""
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # already aborted by its consumer
+            if not stream.scheduled:
+                stream.scheduled = True
+                first = output.metrics.first_scheduled_time if output.metrics is not None else None
+                stream.timer.scheduled(first if first is not None else now)
+            tokens = sum(len(completion.token_ids) for completion in output.outputs)
+            stream.timer.output(now, tokens - stream.tokens_seen)
+            stream.tokens_seen = tokens
+            if output.finished:
+                stream.timer.finished(now, [completion.finish_reason for completion in output.outputs])
+            self._push(stream, output)
+
+
+class EngineLoop(EngineLoopBase):
+    """The engine on a thread of the server process (`--no-engine-process`, and tests)."""
+
+    def __init__(self, engine: Any, *, max_waiting_requests: int = 256, retry_after_s: int = 1,
+                 metrics: ServerMetrics | None = None):
+        super().__init__(ServedModel.of_engine(engine), max_waiting_requests=max_waiting_requests,
+                         retry_after_s=retry_after_s, metrics=metrics)
+        self.engine = engine
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        self._stats = self.engine.get_stats()  # the engine thread does not exist yet
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
+    async def _stop(self) -> None:
+        self._commands.put(_Stop())
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30.0)
+
+    async def _prepare(self, request_id: str, prompt: str | list[int], params: Any) -> Any:
+        return prompt, params  # the engine tokenizes and checks on its own thread
+
+    def _submit_add(self, request_id: str, prepared: Any, done: asyncio.Future[None]) -> None:
+        self._commands.put(_Add(request_id, *prepared, done))
+
+    def _submit_abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    # --- engine thread -------------------------------------------------------------------
     def _apply(self, command: _Add | _Abort | _Stop) -> bool:
         """Runs one command on the engine thread; False means stop."""
         if isinstance(command, _Stop):
@@ -223,16 +328,13 @@ class EngineLoop:
                 # Stats first: a client that sees its request finish then sees it in the stats too.
                 self._stats = self.engine.get_stats()
                 self._dispatch(outputs, time.monotonic())
-                if adds:
-                    with self._pending.lock:
-                        self._pending.adds -= adds
+                self._pending.settled(adds)
                 if not running:
                     return
         except BaseException as exc:  # the loop is dead: fail every request, /health turns 503
             self._dead = True
             logger.exception("engine loop died")
-            for stream in list(self._streams.values()):
-                self._push(stream, EngineDeadError())
+            self._fail_streams(EngineDeadError)
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -248,28 +350,12 @@ class EngineLoop:
             if isinstance(command, _Add):
                 self._resolve(command.done, EngineDeadError() if self._dead else EngineStoppedError())
 
-    def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue  # already aborted by its consumer
-            if not stream.scheduled:
-                stream.scheduled = True
-                first = output.metrics.first_scheduled_time if output.metrics is not None else None
-                stream.timer.scheduled(first if first is not None else now)
-            tokens = sum(len(completion.token_ids) for completion in output.outputs)
-            stream.timer.output(now, tokens - stream.tokens_seen)
-            stream.tokens_seen = tokens
-            if output.finished:
-                stream.timer.finished(now, [completion.finish_reason for completion in output.outputs])
-            self._push(stream, output)
-
 
 class RequestStream:
     """One admitted request. Iterate `outputs()`; `close()` (or leaving the iteration early)
     aborts it in the engine unless it already finished. Closing twice is harmless."""
 
-    def __init__(self, owner: EngineLoop, request_id: str, stream: _Stream):
+    def __init__(self, owner: EngineLoopBase, request_id: str, stream: _Stream):
         self._owner = owner
         self.request_id = request_id
         self._stream = stream

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from compiled_serve.server.config import ServerConfig
-from compiled_serve.server.engine_loop import EngineLoop
+from compiled_serve.server.engine_loop import EngineLoopBase
 from compiled_serve.server.errors import APIError
 from compiled_serve.server.metrics import ServerMetrics
 
@@ -24,7 +24,7 @@ class ServerState:
     max_model_len: int
     vocab_size: int
     metrics: ServerMetrics
-    engine_loop: EngineLoop | None = None  # generative models
+    engine_loop: EngineLoopBase | None = None  # generative models
     embedder: Any = None  # compiled_serve.embedding.EmbeddingEngine for embedding models
     chat_template: str | None = None
     max_logprobs: int = 0
@@ -48,7 +48,7 @@ class ServerState:
         raise APIError(404, f"The model '{requested[:256]}' does not exist; this server serves "
                        f"{', '.join(self.served_model_names)}.", param="model", code="model_not_found")
 
-    def require_engine(self) -> EngineLoop:
+    def require_engine(self) -> EngineLoopBase:
         if self.engine_loop is None:
             raise APIError(400, f"The model '{self.model_name}' serves embeddings only.",
                            param="model", code="unsupported_endpoint")

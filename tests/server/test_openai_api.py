@@ -1,8 +1,11 @@
-"""The OpenAI-compatible API through the official `openai` client, against the real engine."""
+"""The OpenAI-compatible API through the official `openai` client, against the real engine in its
+own process (as `serve` runs it). Tokenization is checked against the model file's own tokenizer,
+built here independently of the engine."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import httpx
 import openai
@@ -14,8 +17,20 @@ CHAT = [{"role": "user", "content": "What is the capital of France? Answer in on
 
 
 @pytest.fixture(scope="module")
-def live(engine):
-    yield from generation_server(engine, api_key=API_KEY)
+def live(core):
+    yield from generation_server(core, api_key=API_KEY)
+
+
+@pytest.fixture(scope="module")
+def reference_tokenizer() -> Any:
+    from compiled_serve.models.default_model import default_model_path
+    from compiled_serve.models.loaders.gguf_file import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(default_model_path(), None)
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=True).input_ids)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +49,12 @@ def test_models(client: openai.OpenAI, live) -> None:
     assert models[0].model_extra["max_model_len"] == live.state.max_model_len
 
 
-def test_completion_greedy_and_usage(client: openai.OpenAI, model: str, engine) -> None:
+def test_completion_greedy_and_usage(client: openai.OpenAI, model: str, reference_tokenizer) -> None:
     response = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
                                          temperature=0)
     choice = response.choices[0]
     assert choice.finish_reason == "length" and choice.text
-    prompt_ids = engine.tokenize("The capital of France is")
+    prompt_ids = _tokenize(reference_tokenizer, "The capital of France is")
     assert response.usage.prompt_tokens == len(prompt_ids)
     assert response.usage.completion_tokens == 8
     assert response.usage.total_tokens == len(prompt_ids) + 8
@@ -164,10 +179,24 @@ def test_error_mapping(live, client: openai.OpenAI, model: str) -> None:
     assert served.choices[0].finish_reason == "length" and served.usage.completion_tokens == 2
 
 
-def test_tokenize_detokenize_version(live, engine) -> None:
+def test_server_tokenizer_is_the_models(live, reference_tokenizer) -> None:
+    """The engine core sends its tokenizer over as files; the server's copy tokenizes, decodes and
+    templates exactly as the model file's own tokenizer."""
+    served = live.state.tokenizer
+    texts = ["hello there", "Le café, le thé", "你好，世界！", "<|im_start|>user\nHi<|im_end|>", "  spaced  out \n"]
+    for text in texts:
+        ids = _tokenize(reference_tokenizer, text)
+        assert _tokenize(served, text) == ids
+        assert served.decode(ids, skip_special_tokens=True) == reference_tokenizer.decode(ids, skip_special_tokens=True)
+    assert live.state.chat_template == reference_tokenizer.chat_template
+    assert (served.eos_token_id, served.bos_token_id) == (reference_tokenizer.eos_token_id,
+                                                          reference_tokenizer.bos_token_id)
+
+
+def test_tokenize_detokenize_version(live, reference_tokenizer) -> None:
     with live.client(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
         ids = http.post("/tokenize", json={"prompt": "hello there"}).json()["tokens"]
-        assert ids == engine.tokenize("hello there")
+        assert ids == _tokenize(reference_tokenizer, "hello there")
         assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "hello there"
         chat_ids = http.post("/tokenize", json={"messages": CHAT}).json()
         assert chat_ids["count"] == len(chat_ids["tokens"]) > 5
@@ -181,7 +210,7 @@ def test_tokenize_detokenize_version(live, engine) -> None:
     assert httpx.get(live.base_url + "/metrics").status_code == 401
 
 
-def test_continue_final_message(live, engine) -> None:
+def test_continue_final_message(live) -> None:
     messages = CHAT + [{"role": "assistant", "content": "The capital of France is"}]
     with live.client(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
         response = http.post("/v1/chat/completions", json={

@@ -19,8 +19,8 @@ TIME_LIMIT_S = 240.0
 
 
 @pytest.fixture(scope="module")
-def live(engine):
-    yield from generation_server(engine)
+def live(core):
+    yield from generation_server(core)
 
 
 def _body(i: int) -> tuple[str, dict[str, Any]]:

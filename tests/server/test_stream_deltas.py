@@ -26,8 +26,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def http(engine):
-    for live in generation_server(engine):
+def http(core):
+    for live in generation_server(core):
         with live.client() as client:
             yield client
 
