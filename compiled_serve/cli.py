@@ -37,6 +37,7 @@ _SERVER_FLAGS: dict[str, type] = {
     "host": str, "port": int, "api_key": str, "max_waiting_requests": int, "retry_after_s": int,
     "max_request_body_bytes": int, "max_header_count": int, "max_header_bytes": int,
     "max_total_header_bytes": int, "chat_template_file": str, "shutdown_timeout_s": float,
+    "tool_call_parser": str, "reasoning_parser": str,
 }
 _LOG_LEVELS = ["debug", "info", "warning", "error"]
 

@@ -12,12 +12,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from compiled_serve import config as engine_config
+from compiled_serve.server.reasoning import REASONING_PARSERS
+from compiled_serve.server.tool_parsers import TOOL_PARSERS
 
 # Fields whose values are a closed set: argparse checks them and `--help` lists them.
 CHOICES: dict[str, Sequence[str]] = {
     "dtype": engine_config._DTYPES, "load_format": engine_config._LOAD_FORMATS,
     "device": engine_config._DEVICES, "compile_mode": engine_config._COMPILE_MODES,
     "build_fallback": engine_config._BUILD_FALLBACKS, "scheduling": engine_config._SCHEDULING,
+    "tool_call_parser": sorted(TOOL_PARSERS), "reasoning_parser": sorted(REASONING_PARSERS),
 }
 
 MODEL_HELP = ("a .gguf file, a Hugging Face model directory (config.json + *.safetensors), a hub id "
@@ -59,6 +62,10 @@ HELP: dict[str, str] = {
     "max_header_bytes": "largest single header line (name + value); beyond it a 431",
     "max_total_header_bytes": "largest header block in all; beyond it a 431",
     "chat_template_file": "a Jinja chat-template file used instead of the model's own; none: the model's own",
+    "tool_call_parser": "how tool calls are read from the model's text (tool_choice auto); hermes: "
+                        "<tool_call>{json}</tool_call>; llama3_json: a bare JSON call; mistral: [TOOL_CALLS][...]",
+    "reasoning_parser": "split <think>...</think> reasoning into reasoning_content; deepseek_r1: up to </think> "
+                        "is reasoning; qwen3: only after an opening <think>; none: no split",
     "shutdown_timeout_s": "on SIGINT or SIGTERM, seconds in-flight requests get to finish before they are "
                           "aborted (streams then end with an error event and [DONE])",
 }

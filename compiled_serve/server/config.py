@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass, fields
 
 from compiled_serve.errors import InvalidParameterError
+from compiled_serve.server.reasoning import REASONING_PARSERS
+from compiled_serve.server.tool_parsers import TOOL_PARSERS
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class ServerConfig:
     allow_request_chat_template: bool = False
     # Graceful shutdown (SIGINT, SIGTERM): in-flight requests get this long to finish, then are aborted.
     shutdown_timeout_s: float = 2.0
+    # How tool calls and reasoning are read from the model's text (server/tool_parsers/, server/reasoning/).
+    tool_call_parser: str = "hermes"
+    reasoning_parser: str | None = None
     # The engine in its own process (msgpack over a pipe), so HTTP, SSE and detokenization never hold
     # its GIL; False: on a thread of the server process (one model load fewer to wait for in tests).
     engine_process: bool = True
@@ -47,6 +52,9 @@ class ServerConfig:
              "must be >= max_header_bytes"),
             ("shutdown_timeout_s", self.shutdown_timeout_s >= 0, "must be >= 0"),
             ("api_key", self.api_key is None or len(self.api_key) > 0, "must not be empty"),
+            ("tool_call_parser", self.tool_call_parser in TOOL_PARSERS, f"must be one of {sorted(TOOL_PARSERS)}"),
+            ("reasoning_parser", self.reasoning_parser is None or self.reasoning_parser in REASONING_PARSERS,
+             f"must be one of {sorted(REASONING_PARSERS)}"),
             ("served_model_names", self.served_model_names is None or len(self.served_model_names) > 0,
              "must name at least one model"),
         ]

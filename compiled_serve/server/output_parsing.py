@@ -21,6 +21,7 @@ class OutputParsers:
 
     reasoning: ThinkReasoningParser | None = None
     tools: ToolParser | None = None
+    max_calls: int | None = None  # parallel_tool_calls=false: later calls are dropped
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def parse_output(parsers: OutputParsers, text: str, call_id: Callable[[], str] =
     calls = []
     if parsers.tools is not None:
         parsed = parsers.tools.parse(content)
-        content, calls = parsed.content, parsed.calls
+        content, calls = parsed.content, parsed.calls[: parsers.max_calls]
     return ParsedOutput(reasoning, content, calls, [call_id() for _ in calls])
 
 
@@ -65,7 +66,9 @@ class ChoiceParser:
             self._content_sent += len(delta.content)
             return delta
         tools = self._tools.finish(content) if final else self._tools.update(content)
-        delta.content, delta.tool_calls = tools.content, tools.tool_calls
+        limit = self._parsers.max_calls
+        delta.content = tools.content
+        delta.tool_calls = [call for call in tools.tool_calls if limit is None or call.index < limit]
         return delta
 
     def update(self, text: str) -> OutputDelta:
@@ -86,4 +89,4 @@ class ChoiceParser:
 
     @property
     def call_ids(self) -> list[str]:
-        return self._tools.call_ids if self._tools is not None else []
+        return self._tools.call_ids[: self._parsers.max_calls] if self._tools is not None else []

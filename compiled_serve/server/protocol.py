@@ -150,11 +150,52 @@ class TextContentPart(StrictModel):
     text: PromptText
 
 
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 128
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class FunctionDefinition(StrictModel):
+    name: FunctionName
+    description: Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)] | None = None
+    # Checked against the JSON-Schema metaschema at request time (tool_choice.py): 400 if not one.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: FunctionName
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ToolCallFunction(StrictModel):
+    name: Annotated[str, Field(max_length=256)]
+    arguments: PromptText
+
+
+class MessageToolCall(StrictModel):
+    id: Annotated[str, Field(max_length=256)]
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: PromptText | Annotated[list[TextContentPart], Field(max_length=256)] | None = None
     name: Annotated[str, Field(max_length=256)] | None = None
     tool_call_id: Annotated[str, Field(max_length=256)] | None = None
+    tool_calls: Annotated[list[MessageToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    # What this server returned earlier; clients send it back, and it is not rendered.
+    reasoning_content: PromptText | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -184,6 +225,9 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, within(LOGPROBS_BOUNDS, le=MAX_LOGPROBS)] | None = None
     max_completion_tokens: Annotated[int, within(MAX_TOKENS_BOUNDS, le=MAX_PROMPT_TOKENS)] | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:

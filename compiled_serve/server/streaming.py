@@ -239,8 +239,9 @@ async def stream_choices(streams: list[RequestStream], header: dict[str, Any], o
             yield event(opening)
         async for stream_index, output in merge_streams(streams):
             latest[stream_index] = output
-            choices = [choice(delta) | {"finish_reason": delta.completion.finish_reason,
-                                        "stop_reason": delta.completion.stop_reason}
+            # `choice` may set its own finish_reason (chat: tool_calls).
+            choices = [{"finish_reason": delta.completion.finish_reason,
+                        "stop_reason": delta.completion.stop_reason} | choice(delta)
                        for delta in tracker.deltas(stream_index, output)]
             if choices:
                 yield event(choices, usage_of(list(latest.values())) if continuous else None)
