@@ -37,6 +37,8 @@ def allocate_kv_cache(
     num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
     dtype: torch.dtype, device: torch.device,
 ) -> list[torch.Tensor]:
-    # [layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
-    cache = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-    return list(cache.unbind(0))
+    # Per layer [2 (k, v), num_blocks, block_size, num_kv_heads, head_dim], each its own allocation:
+    # the compiled step takes the caches as graph inputs, and views of one tensor would be aliased
+    # inputs, whose overlap analysis cannot reason about the unbacked num_blocks.
+    return [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)]

@@ -66,11 +66,11 @@ def test_static_decode_path_generates_the_same_tokens(tmp_path: Path, device: st
     assert graphs is not None and graphs.use_graphs == (device == "cuda")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_mixed_step_graphs_generate_the_same_tokens(tmp_path: Path, device: str) -> None:
+def test_mixed_step_graphs_generate_the_same_tokens(tmp_path: Path) -> None:
     """Prefill chunks beside decodes, padded to token buckets with empty sequences, give the
-    dynamic path's tokens (CPU: the same static buffers without capture)."""
-    engine = _engine(tmp_path, device, max_num_batched_tokens=48)
+    dynamic path's tokens (the static buffers without capture; on CUDA the replay is compared
+    step by step in the next test, since its attention launches differ in rounding)."""
+    engine = _engine(tmp_path, "cpu", max_num_batched_tokens=48)
     rng = random.Random(2)
     prompts = [[rng.randrange(256) for _ in range(rng.randrange(3, 70))] for _ in range(9)]
     if engine.runner.mixed_graphs is None:
@@ -84,6 +84,53 @@ def test_mixed_step_graphs_generate_the_same_tokens(tmp_path: Path, device: str)
     dynamic = _generate(engine, prompts)
     assert engine.runner.num_mixed_graph_steps == steps
     assert with_graphs == dynamic
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_graph_replay_matches_the_dynamic_step(tmp_path: Path, device: str) -> None:
+    """One mixed step (a decode, a 5-token chunk, a 12-token chunk) replayed from a token-bucket
+    graph equals the dynamic step, and its padding (tokens and sequences) writes no cache slot."""
+    engine = _engine(tmp_path, device)
+    runner = engine.runner
+    graphs = DecodeGraphs(runner.step_fn, runner.kv_caches, (32,), 16, engine.max_model_len, engine.device,
+                          capture=device == "cuda", query_len=None, seq_capacity=8)
+    graphs.capture_all()
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for cache in runner.kv_caches:
+        cache.copy_(torch.randn(cache.shape, generator=gen).to(cache.device, cache.dtype))
+    bs, dev = engine.config.block_size, engine.device
+    lens, qlens = [9, 21, 12], [1, 5, 12]  # context after the step, new tokens
+    tables = [[3], [10, 11], [20]]
+    qsl = [0, 1, 6, 18]
+    positions = [p for n, q in zip(lens, qlens) for p in range(n - q, n)]
+    slots = [t[p // bs] * bs + p % bs for t, n, q in zip(tables, lens, qlens) for p in range(n - q, n)]
+    ids = [(7 * i + 3) % 256 for i in range(len(positions))]
+    width = 16
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    n_tok, pad = len(ids), 32 - len(ids)
+    i64 = torch.int64
+    meta32 = torch.tensor(lens + [0] * 5 + qsl + [n_tok] * 5, dtype=torch.int32, device=dev)
+    before = [c.clone() for c in runner.kv_caches]
+    with torch.inference_mode():
+        hidden = graphs.replay(
+            32, torch.tensor(ids + [0] * pad, dtype=i64, device=dev),
+            torch.tensor(positions + [0] * pad, dtype=i64, device=dev),
+            torch.tensor(slots + [-1] * pad, dtype=i64, device=dev), meta32,
+            torch.tensor(padded, dtype=torch.int32, device=dev))[:n_tok].clone()
+    for b, a in zip(before, runner.kv_caches):
+        flat_b, flat_a = b.view(2, -1, *b.shape[-2:]), a.view(2, -1, *a.shape[-2:])
+        changed = (flat_b != flat_a).any(dim=(0, 2, 3)).nonzero().flatten().tolist()
+        assert sorted(changed) == sorted(slots)
+    for cache, b in zip(runner.kv_caches, before):
+        cache.copy_(b)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=dev), block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev), max_query_len=12, max_seq_len=21,
+        kv_caches=runner.kv_caches, seq_lens_host=lens, query_start_loc_host=qsl)
+    with torch.inference_mode(), forward_context(meta):
+        expected = runner.step_fn(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev))
+    torch.testing.assert_close(hidden, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

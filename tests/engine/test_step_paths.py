@@ -104,3 +104,20 @@ def test_unknown_output_kind_is_refused(tmp_path):
     engine = tiny_engine(tmp_path)
     with pytest.raises(InvalidParameterError, match="output_kind"):
         engine.add_request("x", [1, 2], SamplingParams(max_tokens=2), output_kind="all")
+
+
+@pytest.mark.heavy
+def test_inductor_step_gives_the_graph_mode_tokens(tmp_path):
+    """The default compile mode on the CPU: Inductor, with the per-layer caches as graph inputs."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    tokens = {}
+    for mode in ("graph", "inductor"):
+        engine = tiny_engine(tmp_path, compile_mode=mode, max_num_batched_tokens=64)
+        engine.add_request("a", list(range(1, 50)), params)
+        engine.add_request("b", list(range(3, 20)), params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    tokens[(mode, out.request_id)] = out.outputs[0].token_ids
+    assert tokens[("graph", "a")] == tokens[("inductor", "a")]
+    assert tokens[("graph", "b")] == tokens[("inductor", "b")]
