@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from compiled_serve.errors import InvalidParameterError
+from compiled_serve.structured.spec import StructuredOutputsParams
 
 
 def _number_text(value: float) -> str:
@@ -133,6 +134,8 @@ class SamplingParams:
     logprobs: int | None = None  # top logprobs per token; 0 = only the sampled token's
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # A grammar constraint (vLLM's name and shape); plain data, compiled where the engine runs.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, N_BOUNDS)
@@ -157,6 +160,8 @@ class SamplingParams:
                 "min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
             )
         _check_int("logprobs", self.logprobs, LOGPROBS_BOUNDS, optional=True)
+        # A dict (as msgpack carries it) becomes the dataclass again; its own checks run.
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
 
     def _normalized_logit_bias(self) -> dict[int, float] | None:
         if self.logit_bias is None:

@@ -36,6 +36,7 @@ from compiled_serve.engine.sequence import Sequence, SequenceStatus
 from compiled_serve.engine.stats import EngineStats
 from compiled_serve.engine.step_runner import InFlightStep, StepRunner
 from compiled_serve.engine.step_sampler import TailInputs, TailRow, raw_logprobs, wrap_int64
+from compiled_serve.engine.structured_state import StructuredState
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.models.loader import load_model
 from compiled_serve.outputs import RequestOutput
@@ -140,6 +141,7 @@ class LLMEngine:
         self._eos_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self._eos_ids.add(int(self.tokenizer.eos_token_id))
+        self.structured = StructuredState(self.tokenizer, mc.vocab_size, self._eos_ids)
         self._reset_counters()
         self._on_progress("compiling (warm-up steps)")
         self._warmup()
@@ -269,6 +271,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
         params.validate_for_model(self.model_config.vocab_size, self.config.max_logprobs, self.config.max_n)
+        grammar = self.structured.compile(params)  # cached; a bad spec is an InvalidParameterError
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidParameterError("prompt", "the prompt is empty")
@@ -299,6 +302,7 @@ class LLMEngine:
                 seq.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop or [], include_stop_str_in_output=params.include_stop_str_in_output)
+            self.structured.attach(seq, grammar)
             seqs.append(seq)
         self._requests[request_id] = _Request(request_id, text, ids, params, seqs, output_kind)
         for seq in seqs:
@@ -347,7 +351,8 @@ class LLMEngine:
     def _needs_host_tail(self, seq: Sequence) -> bool:
         p = seq.params
         return bool(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-                    or p.logit_bias or len(seq.output_token_ids) + seq.num_pending < p.min_tokens)
+                    or p.logit_bias or len(seq.output_token_ids) + seq.num_pending < p.min_tokens
+                    or self.structured.constrains(seq))
 
     def _launch(self, sched: SchedulerOutput) -> InFlightStep | None:
         now = time.monotonic()
@@ -451,10 +456,12 @@ class LLMEngine:
         if len(seq.output_token_ids) < params.min_tokens:
             suppressed = sorted(set(params.stop_token_ids or []) | (set() if params.ignore_eos else self._eos_ids))
         return TailRow(params=params, prompt_token_ids=seq.prompt_token_ids,
-                       output_token_ids=seq.output_token_ids, seed=seq.seed, suppressed_token_ids=suppressed)
+                       output_token_ids=seq.output_token_ids, seed=seq.seed, suppressed_token_ids=suppressed,
+                       bitmask=self.structured.bitmask_row(seq))
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> None:
         seq.append_token(token)
+        grammar_end = self.structured.accept(seq, token)  # None, or (status, reason) the grammar ends it with
         self._generation_tokens_total += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -470,6 +477,8 @@ class LLMEngine:
                 seq.detokenizer.add_tokens([token])
             if status is None and seq.detokenizer.stop_hit is not None:
                 status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, seq.detokenizer.stop_hit
+        if status is None and grammar_end is not None:
+            status, seq.stop_reason = grammar_end
         if status is None and (n_out >= seq.max_output_tokens or seq.num_tokens >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:

@@ -6,6 +6,8 @@ Per step, for N sampled sequences:
     factors as float32, then seeds and offsets as int64, packed into one byte buffer);
   - penalties all given or all None (two tail graphs, not four): a penalty that no row uses is
     passed as its exact no-op (repetition 1.0, frequency/presence 0.0);
+  - a grammar bitmask (int32 [N, ceil(V/32)], one copy) only when some row is constrained;
+    the other rows get all-ones words;
   - a row's randomness is Philox keyed by the sequence's seed, counter = its output length, so a
     draw depends on nothing but the sequence itself (batch invariant, preemption safe).
 """
@@ -16,9 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from compiled_serve.engine.host_copy import to_device
+from compiled_serve.kernels.token_bitmask import bitmask_width
 from compiled_serve.sampling_params import SamplingParams
 
 _INT64 = 1 << 64
@@ -53,12 +57,14 @@ class TailRow:
     seed: int  # signed int64, the Philox key
     # eos + stop_token_ids while len(output_token_ids) < min_tokens: never sampled this step.
     suppressed_token_ids: Sequence[int] = field(default_factory=list)
+    # int32 [ceil(V/32)] grammar-allowed tokens (engine/structured_state.py); None = unconstrained.
+    bitmask: np.ndarray | None = None
 
 
 class TailInputs(NamedTuple):
     """`logits_tail`'s arguments after the logits, and the sparse edits applied before it."""
 
-    args: tuple[torch.Tensor | None, ...]  # temperature, top_k, top_p, min_p, seeds, offsets, greedy, penalties
+    args: tuple[torch.Tensor | None, ...]  # temperature, top_k, top_p, min_p, seeds, offsets, greedy, penalties, bitmask
     bias_index: torch.Tensor | None  # [B] int64 flat indices row * V + token
     bias_values: torch.Tensor | None  # [B] float32
     suppress_index: torch.Tensor | None  # [S] int64 flat indices
@@ -99,6 +105,7 @@ class TailInputs(NamedTuple):
             args += (f[5], seen, f[6], f[7], counts)
         else:
             args += (None,) * 5
+        args += (_bitmask(rows, vocab_size, device),)
         bias = [(j, t, b) for j, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
         suppress = [j * vocab_size + t for j, row in enumerate(rows) for t in row.suppressed_token_ids]
         return TailInputs(
@@ -119,6 +126,17 @@ class TailInputs(NamedTuple):
         if self.suppress_index is not None:
             logits.view(-1).index_fill_(0, self.suppress_index, float("-inf"))
         return logits
+
+
+def _bitmask(rows: Sequence[TailRow], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """int32 [N, ceil(V/32)] on the device when any row is constrained (-1 words: all allowed)."""
+    if all(row.bitmask is None for row in rows):
+        return None
+    words = np.full((len(rows), bitmask_width(vocab_size)), -1, dtype=np.int32)
+    for j, row in enumerate(rows):
+        if row.bitmask is not None:
+            words[j] = row.bitmask
+    return to_device(torch.from_numpy(words), device)
 
 
 class RawLogprobs(NamedTuple):
