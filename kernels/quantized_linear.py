@@ -1,0 +1,107 @@
+"""Weight-only quantized linear ops for the CPU: y = x @ dequantize(W).T, W never dequantized in full.
+
+Three layouts, each with a pure-torch reference (dequantize in float32, then `F.linear`):
+
+  int4  torch's CPU int4 layout: `packed` uint8 [N, K/2] (see `pack_int4_cpu`), groups of
+        `group_size` along K with `scales_zeros` [K/g, N, 2]: w = (q - 8) * scale + zero, q in 0..15.
+        Op `compiled_serve::int4_weight_linear` -> `torch._weight_int4pack_mm_for_cpu`.
+  int8  per output channel: `weight` int8 [N, K], `scales` [N]: w = q * scale.
+        Op `compiled_serve::int8_weight_linear` -> `torch._weight_int8pack_mm`.
+  q8b   GGUF Q8_0 kept as it is: `codes` int8 [N, K], `scales` [N, K/32] float32: w = q * scale per
+        block of 32. No custom op: `blockwise_int8_linear` is written in torch ops and traced into
+        the graph, so Inductor generates the dequantize-and-matmul itself.
+
+Both torch kernels are vectorized for bf16 activations only (their float32 path is a scalar
+loop, ~15x slower on the 2-core AVX-512 CPU, docs/perf-notes.md); the activation is computed in
+the dtype of the scales, so bf16 scales mean a bf16 matmul, float32 scales the exact-scale one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: torch's CPU int4 layout tiles 64 output rows (N must be a multiple).
+INT4_BLOCK_N = 64
+Q8_BLOCK = 32
+
+
+def pack_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] in 0..15 (any int dtype) -> torch's CPU int4 layout, uint8 [N, K/2].
+
+    The same bytes `torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1)` returns (a test
+    checks), built without an int32 copy: per tile of 64 rows and each k, 32 bytes whose low
+    nibble is row j and high nibble row 32 + j.
+    """
+    n, k = codes.shape
+    if n % INT4_BLOCK_N or k % 2:
+        raise ValueError(f"int4 layout needs N % {INT4_BLOCK_N} == 0 and even K, got {n} x {k}")
+    tiles = codes.to(torch.uint8).reshape(n // INT4_BLOCK_N, INT4_BLOCK_N, k).transpose(1, 2)  # [nb, K, 64]
+    half = INT4_BLOCK_N // 2
+    return (tiles[..., :half] | (tiles[..., half:] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4_cpu(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4_cpu`: uint8 [N, K/2] -> codes uint8 [N, K]."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    tiles = packed.reshape(n // INT4_BLOCK_N, k, INT4_BLOCK_N // 2)  # [nb, K, 32]
+    codes = torch.cat([tiles & 15, tiles >> 4], dim=-1)  # [nb, K, 64]
+    return codes.transpose(1, 2).reshape(n, k)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [N, K] from the int4 layout."""
+    codes = unpack_int4_cpu(packed).float()  # [N, K]
+    scales = scales_zeros[..., 0].float().t().repeat_interleave(group_size, dim=1)  # [N, K]
+    zeros = scales_zeros[..., 1].float().t().repeat_interleave(group_size, dim=1)
+    return (codes - 8) * scales + zeros
+
+
+def int4_linear_reference(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    return F.linear(x.float(), dequantize_int4(packed, scales_zeros, group_size)).to(x.dtype)
+
+
+def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), weight.float() * scales.float()[:, None]).to(x.dtype)
+
+
+@torch.library.custom_op("compiled_serve::int4_weight_linear", mutates_args=())
+def int4_weight_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x [T, K] -> [T, N] in x's dtype, computed in scales_zeros' dtype."""
+    out = torch._weight_int4pack_mm_for_cpu(x.to(scales_zeros.dtype), packed, group_size, scales_zeros)
+    return out.to(x.dtype)
+
+
+@int4_weight_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+@torch.library.custom_op("compiled_serve::int8_weight_linear", mutates_args=())
+def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [T, K] -> [T, N] in x's dtype, computed in scales' dtype."""
+    return torch._weight_int8pack_mm(x.to(scales.dtype), weight, scales).to(x.dtype)
+
+
+@int8_weight_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def blockwise_int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ (codes [N, K] int8 * scales [N, K/32] per block).T: torch ops for Inductor to fuse.
+
+    Also the reference of the q8b layout (eager, it is exactly its definition).
+    """
+    n, k = codes.shape
+    w = (codes.view(n, k // Q8_BLOCK, Q8_BLOCK).to(x.dtype) * scales.to(x.dtype)[..., None]).view(n, k)
+    return F.linear(x, w)
+
+
+def bf16_weight_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ weight [N, K] bf16 .T, computed in bf16, returned in x's dtype (torch ops)."""
+    return F.linear(x.to(weight.dtype), weight).to(x.dtype)
