@@ -11,9 +11,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.server.chat import render_chat_prompt
 from compiled_serve.server.protocol import DetokenizeRequest, TokenizeRequest
+from compiled_serve.server.responses import router as responses_router
 from compiled_serve.server.state import get_state, server_version
 
 router = APIRouter()
+router.include_router(responses_router)  # /v1/responses (responses.py)
 
 
 @router.get("/health")
