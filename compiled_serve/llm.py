@@ -54,6 +54,8 @@ class LLM:
                 raise InvalidParameterError(
                     "sampling_params", f"{len(params_list)} params for {len(prompt_list)} prompts")
         engine = self.llm_engine
+        for params in {id(p): p for p in params_list}.values():
+            engine.structured.compile(params)  # every grammar before any request: a bad spec runs nothing
         ids = []
         try:
             for prompt, params in zip(prompt_list, params_list):

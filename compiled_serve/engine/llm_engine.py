@@ -477,8 +477,8 @@ class LLMEngine:
                 seq.detokenizer.add_tokens([token])
             if status is None and seq.detokenizer.stop_hit is not None:
                 status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, seq.detokenizer.stop_hit
-        if status is None and grammar_end is not None:
-            status, seq.stop_reason = grammar_end
+        if grammar_end is not None and (status is None or grammar_end[0] is SequenceStatus.FINISHED_ABORTED):
+            status, seq.stop_reason = grammar_end  # a grammar error wins over the EOS it forced
         if status is None and (n_out >= seq.max_output_tokens or seq.num_tokens >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:

@@ -35,6 +35,7 @@ from compiled_serve.server.streaming import (
     stream_choices,
     usage_of,
 )
+from compiled_serve.server.structured import compile_structured_outputs
 from compiled_serve.server.tool_choice import ToolPlan, chat_tool_plan, with_tool_plan
 from compiled_serve.server.tool_parsers import TOOL_PARSERS
 from compiled_serve.server.tool_parsers.streaming import ToolCallDelta
@@ -185,6 +186,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     plan = chat_tool_plan(body, tool_parser)
     params = with_tool_plan(build_sampling_params(body, max_tokens=body.requested_max_tokens(),
                                                   logprobs=top if body.logprobs else None), plan)
+    await compile_structured_outputs(state, params, body)  # a bad spec is a 400 here, not in the engine
     render = functools.partial(render_chat_prompt, state, body.messages,
                                add_generation_prompt=body.add_generation_prompt,
                                request_template=body.chat_template,

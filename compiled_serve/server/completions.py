@@ -24,6 +24,7 @@ from compiled_serve.server.streaming import (
     stream_choices,
     usage_of,
 )
+from compiled_serve.server.structured import compile_structured_outputs
 
 router = APIRouter()
 
@@ -74,6 +75,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         raise InvalidParameterError("echo", "echo together with logprobs (prompt logprobs) is not supported yet")
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
     params = build_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+    await compile_structured_outputs(state, params, body)  # a bad spec is a 400 here, not in the engine
     prompts = _prompts(body)
     request_id = new_id("cmpl")
     streams = await add_all(engine_loop, request_id, prompts, params, arrival)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.sampling_params import SamplingParams
 from compiled_serve.server.protocol import SamplingFields
-from compiled_serve.server.structured import validate_structured_output
+from compiled_serve.server.structured import structured_spec
 
 # OpenAI's legacy completions default; chat completions default to the rest of the context.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -14,7 +14,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 def build_sampling_params(request: SamplingFields, *, max_tokens: int | None,
                           logprobs: int | None) -> SamplingParams:
     """Raises InvalidParameterError (-> 400 with `param`) for anything the engine cannot honour."""
-    validate_structured_output(request)
+    structured = structured_spec(request)
     if request.best_of is not None and request.best_of != request.n:
         raise InvalidParameterError("best_of", "best_of different from n is not supported")
     optional = {
@@ -38,5 +38,6 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int | None,
         logprobs=logprobs,
         include_stop_str_in_output=request.include_stop_str_in_output,
         skip_special_tokens=request.skip_special_tokens,
+        structured_outputs=structured[0] if structured is not None else None,
         **{name: value for name, value in optional.items() if value is not None},
     )

@@ -82,6 +82,20 @@ class ResponseFormat(StrictModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputsFields(StrictModel):
+    """vLLM's `structured_outputs` body field (compiled_serve.structured.StructuredOutputsParams)."""
+
+    # `json` shadows a BaseModel method, hence the alias.
+    json_spec: dict[str, Any] | Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)] | None = Field(
+        default=None, alias="json")
+    regex: Annotated[str, Field(max_length=4096)] | None = None
+    choice: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(min_length=1, max_length=256)] | None = None
+    grammar: Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)] | None = None
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, populate_by_name=True)
+
+
 class SamplingFields(StrictModel):
     """Fields shared by completions and chat completions (OpenAI + vLLM-style extras)."""
 
@@ -109,8 +123,9 @@ class SamplingFields(StrictModel):
     min_tokens: Annotated[int, within(MIN_TOKENS_BOUNDS, le=MAX_PROMPT_TOKENS)] = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # Structured output: validated at request time (see structured.py).
+    # Structured output: compiled at request time (see structured.py).
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsFields | None = None
     guided_json: dict[str, Any] | Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)] | None = None
     guided_regex: Annotated[str, Field(max_length=4096)] | None = None
     guided_choice: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(min_length=1, max_length=256)] | None = None
