@@ -3,6 +3,7 @@ of the chat path (template, tools, reasoning and tool-call parsers)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from compiled_serve.server.state import get_state, new_id
 from compiled_serve.server.streaming import SSEResponse, add_all, collect_final, merge_streams
 from compiled_serve.server.tool_choice import plan_tools, with_tool_plan
 from compiled_serve.server.tool_parsers import TOOL_PARSERS
+from compiled_serve.structured import shared_compiler
 
 router = APIRouter()
 
@@ -102,6 +104,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     sampling = {"temperature": body.temperature, "top_p": body.top_p}
     params = with_tool_plan(SamplingParams(max_tokens=body.max_output_tokens,
                                            **{k: v for k, v in sampling.items() if v is not None}), plan)
+    if params.structured_outputs is not None:  # the forced call's grammar: a 400 here, never in the engine
+        compiler = await asyncio.to_thread(shared_compiler, state.tokenizer, state.vocab_size)
+        await asyncio.to_thread(compiler.compile, params.structured_outputs, "tools")
     prompt_ids = render_chat_prompt(state, chat_messages(body.instructions, conversation), add_generation_prompt=True,
                                     tools=plan.prompt_tools, tool_format=tool_parser.prompt_format)
     response_id = new_id("resp")

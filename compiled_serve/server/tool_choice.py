@@ -23,6 +23,7 @@ from compiled_serve.sampling_params import SamplingParams
 from compiled_serve.server.protocol import ChatCompletionRequest, NamedToolChoice
 from compiled_serve.server.structured import check_json_schema
 from compiled_serve.server.tool_parsers import ForcedCallParser, ToolParser
+from compiled_serve.structured import StructuredOutputsParams
 
 _DEFINITION_KEYS = ("$defs", "definitions")
 
@@ -129,8 +130,10 @@ def with_tool_plan(params: SamplingParams, plan: ToolPlan) -> SamplingParams:
     """The request's sampling params, plus what its tools need: the forced call's grammar, and
     special tokens kept in the text when the parser's marker is one."""
     if plan.forced_schema is not None:
-        raise InvalidParameterError("tool_choice", "required and named functions need grammar-constrained "
-                                    "decoding, which this server does not have yet")
+        if params.structured_outputs is not None:
+            raise InvalidParameterError("tool_choice", "a forced tool call and a structured-output format cannot "
+                                        "both constrain the output")
+        params = dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=plan.forced_schema))
     if plan.parser is not None and plan.parser.needs_special_tokens:
         params = dataclasses.replace(params, skip_special_tokens=False)
     return params

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 from live_server import generation_server
@@ -95,3 +96,87 @@ def test_bad_tools_are_a_400_and_the_server_keeps_serving(client: openai.OpenAI,
                                        tool_choice=choice, max_tokens=4)
     assert caught.value.body["param"] == param
     assert client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK, max_tokens=2).choices
+
+
+def _validate_calls(calls: list[Any], allowed: list[dict[str, Any]]) -> None:
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in allowed}
+    assert calls
+    for call in calls:
+        assert call.id and call.type == "function"
+        assert call.function.name in schemas
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_required_calls_always_validate(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK,
+                                              tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required",
+                                              temperature=1.0, n=4, max_tokens=256, seed=7)
+    for choice in response.choices:
+        assert choice.finish_reason == "tool_calls", choice.message
+        assert choice.message.content is None
+        _validate_calls(choice.message.tool_calls, [WEATHER_TOOL, TIME_TOOL])
+
+
+def test_named_function_is_the_one_called(client: openai.OpenAI) -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for seed in range(3):
+        response = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK,
+                                                  tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=named,
+                                                  temperature=1.0, max_tokens=256, seed=seed)
+        calls = response.choices[0].message.tool_calls
+        assert len(calls) == 1 and calls[0].function.name == "get_time"
+        _validate_calls(calls, [TIME_TOOL])
+
+
+def test_streamed_required_call_name_once_then_argument_fragments(client: openai.OpenAI) -> None:
+    kwargs: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "messages": ASK, "tools": [WEATHER_TOOL],
+                              "tool_choice": "required", "temperature": 0, "max_tokens": 256}
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    calls: dict[int, dict[str, str]] = {}
+    fragments, finish = 0, None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            assert not choice.delta.content
+            for call in choice.delta.tool_calls or []:
+                if call.index not in calls:
+                    assert call.id and call.function.name
+                    calls[call.index] = {"id": call.id, "name": call.function.name, "arguments": ""}
+                else:
+                    assert call.id is None and call.function.name is None
+                    fragments += 1
+                calls[call.index]["arguments"] += call.function.arguments or ""
+    assert finish == "tool_calls" and fragments > 1
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == \
+        [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER_TOOL["function"]["parameters"])
+
+
+def test_parallel_tool_calls_false_allows_one_call(client: openai.OpenAI) -> None:
+    for seed in range(3):
+        response = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Weather in Paris and Oslo?"}],
+            tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required", parallel_tool_calls=False,
+            temperature=1.0, max_tokens=256, seed=seed)
+        calls = response.choices[0].message.tool_calls
+        assert len(calls) == 1
+        _validate_calls(calls, [WEATHER_TOOL, TIME_TOOL])
+
+
+def test_parallel_calls_get_distinct_ids_and_validate(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Weather in Paris and Oslo?"}],
+        tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required", parallel_tool_calls=True, temperature=1.0,
+        n=4, max_tokens=400, seed=3)
+    for choice in response.choices:
+        if choice.finish_reason == "length":
+            continue  # the grammar allows any number of calls; a long array may not close in time
+        _validate_calls(choice.message.tool_calls, [WEATHER_TOOL, TIME_TOOL])
+        assert len({c.id for c in choice.message.tool_calls}) == len(choice.message.tool_calls)
+
+
+def test_forced_call_and_response_format_together_are_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK, tools=[WEATHER_TOOL],
+                                       tool_choice="required", response_format={"type": "json_object"}, max_tokens=8)
+    assert caught.value.body["param"] == "tool_choice"
