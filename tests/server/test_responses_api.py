@@ -5,6 +5,9 @@ GET /v1/responses/{id}, and clear 400s for what is not supported."""
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import openai
 import pytest
 from live_server import generation_server
@@ -126,3 +129,22 @@ def test_streamed_completed_event_is_typed_by_the_client(client: openai.OpenAI) 
     events = list(client.responses.create(model=MODEL, input="Hi", stream=True))
     completed = events[-1]
     assert isinstance(completed, ResponseCompletedEvent) or completed.type == "response.incomplete"
+
+
+def test_forced_function_call_streams_as_function_call_arguments(client: openai.OpenAI) -> None:
+    kwargs = {"model": MODEL, "input": "Weather in Paris?", "tools": [WEATHER], "tool_choice": "required",
+              "max_output_tokens": 128, "temperature": 0}
+    whole = client.responses.create(**kwargs)
+    calls = [item for item in whole.output if item.type == "function_call"]
+    assert len(calls) >= 1 and calls[0].name == "get_weather" and calls[0].call_id
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["parameters"])
+    events = list(client.responses.create(stream=True, **kwargs))
+    types = [e.type for e in events]
+    assert "response.output_text.delta" not in types
+    assert types.count("response.function_call_arguments.delta") > 1
+    streamed = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta"
+                       and e.output_index == 0)
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert streamed == done.arguments == calls[0].arguments
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output[0].type == "function_call"
