@@ -33,7 +33,7 @@ SCHEMAS = {
     "bounded_numbers": {
         "type": "object",
         "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 99},
-                       "score": {"type": "number", "minimum": 0, "maximum": 1}},
+                       "score": {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.25}},
         "required": ["age", "score"], "additionalProperties": False,
     },
     "any_of": {

@@ -26,9 +26,18 @@ logger = logging.getLogger("compiled_serve.engine")
 GrammarEnd = tuple[SequenceStatus, "str | None"]  # (how the sequence finishes, its stop_reason)
 
 
+def _terminated_safely(matcher: GrammarMatcher) -> bool:
+    """Completed without error (a failed matcher also reports itself stopped)."""
+    try:
+        return matcher.error is None and matcher.is_terminated()
+    except Exception:  # noqa: BLE001
+        return False
+
+
 class StructuredState:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: set[int]):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.words = bitmask_width(vocab_size)
         self._eos_only = np.zeros(self.words, dtype=np.uint32)  # the row of a failed matcher
         for token in eos_token_ids:
@@ -67,14 +76,21 @@ class StructuredState:
         return row
 
     def accept(self, seq: Sequence, token_id: int) -> GrammarEnd | None:
-        """Feeds a sampled token to the sequence's matcher: None to go on, else how it ends."""
+        """Feeds a sampled token to the sequence's matcher: None to go on, else how it ends.
+
+        A grammar that completes on a content token does not end the sequence yet: its next mask
+        allows only EOS, so the sequence ends on an EOS token like any other (front ends that
+        detokenize outside the engine rely on a "stop" ending in such a token, as vLLM's do)."""
         matcher = self._matchers.get(seq)
         if matcher is None:
             return None
+        if token_id in self.eos_token_ids and _terminated_safely(matcher):
+            del self._matchers[seq]
+            return SequenceStatus.FINISHED_STOPPED, None
         try:
             accepted = matcher.accept_token(token_id) and matcher.error is None
             error = matcher.error
-            terminated = accepted and matcher.is_terminated()
+            terminated = accepted and token_id in self.eos_token_ids and matcher.is_terminated()
         except Exception:  # noqa: BLE001
             logger.exception("grammar accept failed for request %s", seq.request_id)
             accepted, error, terminated = False, "the grammar backend failed", False
