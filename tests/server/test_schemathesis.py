@@ -20,7 +20,8 @@ from schemathesis.generation import GenerationMode  # noqa: E402
 
 API_KEY = "fuzz-key"
 MAX_EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 25}
-_BOUNDS = {"max_tokens": 8, "max_completion_tokens": 8, "n": 4, "best_of": 4, "min_tokens": 8}
+_BOUNDS = {"max_tokens": 8, "max_completion_tokens": 8, "max_output_tokens": 8, "n": 4, "best_of": 4,
+           "min_tokens": 8}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,10 @@ def _bound_body(case: Any) -> None:
             body.pop("max_completion_tokens", None)
         if isinstance(body.get("n"), int) and body["n"] > 4:
             body["n"] = 4
+    if isinstance(body, dict) and case.path == "/v1/responses":
+        limit = body.get("max_output_tokens")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit > 8:
+            body["max_output_tokens"] = 4
 
 
 def _operations(live: LiveServer) -> list[Any]:
