@@ -51,7 +51,7 @@ def sample(logits: torch.Tensor, inputs: TailInputs) -> torch.Tensor:
 
 def penalised(logits: torch.Tensor, inputs: TailInputs) -> torch.Tensor:
     """The reference's logits after the edits and the penalties: [N, V]."""
-    return apply_penalties(inputs.edit_logits(logits).float(), *inputs.args[7:])
+    return apply_penalties(inputs.edit_logits(logits).float(), *inputs.args[7:12])
 
 
 def filtered(logits: torch.Tensor, inputs: TailInputs) -> torch.Tensor:
@@ -208,8 +208,8 @@ def test_frequency_penalty_ignores_prompt_tokens():
 def test_unpenalised_batch_passes_no_penalty_tensors_and_one_copy_holds_the_rows() -> None:
     inputs = TailInputs.build([TailRow(SamplingParams(temperature=0.5, top_k=3), [1, 2], [3], seed=-5)], V,
                               torch.device("cpu"))  # fmt: skip
-    temperature, top_k, top_p, min_p, seeds, offsets, greedy, *penalties = inputs.args
-    assert penalties == [None] * 5 and inputs.bias_index is None and inputs.suppress_index is None
+    temperature, top_k, top_p, min_p, seeds, offsets, greedy, *penalties, bitmask = inputs.args
+    assert penalties == [None] * 5 and bitmask is None and inputs.bias_index is None and inputs.suppress_index is None
     assert temperature.tolist() == [0.5] and top_k.tolist() == [3] and top_k.dtype == torch.int32
     assert seeds.tolist() == [-5] and offsets.tolist() == [1] and greedy.tolist() == [False]
     assert temperature.untyped_storage().data_ptr() == seeds.untyped_storage().data_ptr()
@@ -399,3 +399,15 @@ def test_cuda_step_sampling_has_no_sync_and_seeded_rows_are_batch_invariant():
     alone = run([target], [9], [77])[0]
     batched = run(others[:2] + [target] + others[2:], [1, 2, 9, 3], [1, 2, 77, 5])[2]
     assert torch.equal(alone, batched)
+
+
+def test_a_constrained_row_brings_a_bitmask_and_the_others_allow_everything() -> None:
+    allowed = np.zeros(-(-V // 32), dtype=np.int32)
+    allowed[0] = 1 << 3  # token 3 only
+    rows = [TailRow(SamplingParams(), [1], [], seed=1), TailRow(SamplingParams(), [1], [], seed=2, bitmask=allowed)]
+    inputs = TailInputs.build(rows, V, torch.device("cpu"))
+    bitmask = inputs.args[12]
+    assert bitmask.dtype == torch.int32 and bitmask.shape == (2, -(-V // 32))
+    assert torch.all(bitmask[0] == -1) and bitmask[1].tolist() == allowed.tolist()
+    tokens, _ = logits_tail(torch.randn(2, V), *inputs.args)
+    assert tokens[1].item() == 3
