@@ -131,10 +131,10 @@ def compare(tokens: list[int], ref: dict) -> dict:
             "ref_top2_gap_there": None if first is None else ref["gaps"][first]}
 
 
-def bench_engine(reps: int) -> list[dict]:
+def bench_engine(reps: int, layouts: list[str]) -> list[dict]:
     ref = reference_tokens()
     rows = []
-    for layout in LAYOUTS:
+    for layout in layouts:
         proc = subprocess.run([sys.executable, __file__, "child", layout, str(reps)], capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode or not lines:
@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("what", choices=["kernels", "engine", "all", "child"])
     ap.add_argument("layout", nargs="?")
     ap.add_argument("reps", nargs="?", type=int, default=3)
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="engine runs, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.what == "child":
@@ -163,7 +164,7 @@ def main() -> None:
     if args.what in ("kernels", "all"):
         result["kernels"] = bench_kernels()
     if args.what in ("engine", "all"):
-        result["engine"] = bench_engine(args.reps)
+        result["engine"] = bench_engine(args.reps, args.layouts.split(","))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1) + "\n")
 

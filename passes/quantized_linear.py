@@ -101,6 +101,13 @@ class QuantizedLinearPass(GraphPass):
     @staticmethod
     def _buffer(gm: torch.fx.GraphModule, tensor: torch.Tensor, name: str) -> torch.fx.Node:
         gm.register_buffer(name, tensor, persistent=False)
+        # AOT autograd maps every attribute of a dynamo graph to a source (for its input
+        # dedup guards); a constant source names the new one.
+        sources = getattr(gm, "_param_name_to_source", None)
+        if sources is not None:
+            from torch._dynamo.source import ConstantSource
+
+            sources[name] = ConstantSource(f"quantized_{name}")
         return gm.graph.get_attr(name)
 
     def __call__(self, gm: torch.fx.GraphModule) -> int:

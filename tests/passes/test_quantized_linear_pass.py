@@ -93,3 +93,26 @@ def test_placeholder_weights_own_no_memory() -> None:
     quantize_linear_layers(model, "int4")
     for p in (model.up.weight, model.down.weight):
         assert p.stride() == (0, 0) and p.untyped_storage().nbytes() == 4
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("layout", ["int4", "q8b"])
+def test_the_rewritten_graph_compiles_with_inductor(layout: str) -> None:
+    # The quantized tensors become graph attributes; Inductor (C++ on the CPU) must accept them.
+    from torch._inductor.compile_fx import compile_fx
+
+    torch.manual_seed(5)
+    model = TwoLayerMLP().eval()
+    weights = quantize_linear_layers(model, layout)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        assert QuantizedLinearPass()(gm) == 2
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        out = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)(x)
+    up, down = (weights[f"{n}.weight"].dequantize() for n in ("up", "down"))
+    ref = F.linear(F.silu(F.linear(x, up, model.up.bias)), down) + x
+    assert float((out - ref).norm() / ref.norm()) < (1e-5 if layout == "q8b" else 2e-2)
