@@ -78,7 +78,7 @@ class _Abort:
 
 @dataclass
 class _Stop:
-    abort_all: bool = True
+    """Ends the engine thread, aborting every request the engine still holds."""
 
 
 @dataclass
@@ -261,6 +261,9 @@ class EngineLoop(EngineLoopBase):
         self.engine = engine
         self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Requests the engine holds (engine thread only). Not `_streams`: a consumer that leaves
+        # after the stop was queued has dropped its stream, and its abort would come too late.
+        self._in_engine: set[str] = set()
 
     def _start(self) -> None:
         self._stats = self.engine.get_stats()  # the engine thread does not exist yet
@@ -289,18 +292,21 @@ class EngineLoop(EngineLoopBase):
     def _apply(self, command: _Add | _Abort | _Stop) -> bool:
         """Runs one command on the engine thread; False means stop."""
         if isinstance(command, _Stop):
-            for request_id, stream in list(self._streams.items()):
+            for request_id in self._in_engine:
                 self.engine.abort_request(request_id)
-                self._push(stream, EngineStoppedError())
+            self._in_engine.clear()
+            self._fail_streams(EngineStoppedError)
             return False
         if isinstance(command, _Abort):
             self.engine.abort_request(command.request_id)
+            self._in_engine.discard(command.request_id)
             return True
         try:
             self.engine.add_request(command.request_id, command.prompt, command.params)
         except Exception as exc:  # InvalidParameterError and friends go back to the caller
             self._resolve(command.done, exc)
         else:
+            self._in_engine.add(command.request_id)
             self._resolve(command.done, None)
         return True
 
@@ -325,6 +331,7 @@ class EngineLoop(EngineLoopBase):
             while True:
                 running, adds = self._drain(block=not self.engine.has_unfinished_requests())
                 outputs = self.engine.step() if running and self.engine.has_unfinished_requests() else []
+                self._in_engine.difference_update(o.request_id for o in outputs if o.finished)
                 # Stats first: a client that sees its request finish then sees it in the stats too.
                 self._stats = self.engine.get_stats()
                 self._dispatch(outputs, time.monotonic())
