@@ -136,3 +136,55 @@ def test_parsers_never_evaluate_model_output() -> None:
                  '<tool_call>{"name": "a", "arguments": {"x": __import__("os")}}</tool_call>',
                  '<tool_call>{"name": "a", "arguments": {"x": True}}</tool_call>']:
         assert parse_output(_parsers("hermes", None), text).calls == []
+
+
+# (parser, full transcript, content before the calls): each call's name precedes its arguments.
+CUT_TRANSCRIPTS = [
+    ("hermes", 'Sure.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>\n'
+     '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>', "Sure.\n"),
+    ("llama3_json", '{"name": "weather", "parameters": {"city": "Oslo"}}; {"name": "b", "parameters": {"z": 10}}', ""),
+    ("mistral", 'Ok [TOOL_CALLS][{"name": "a", "arguments": {"n": 10}}, {"name": "b", "arguments": {}}]', "Ok "),
+    ("forced", '[{"name": "a", "arguments": {"n": 1}}, {"name": "b", "arguments": {"s": "]"}}]', ""),
+]
+
+
+def _argument_spans(text: str) -> list[tuple[str, int, int]]:
+    """(name, start, end) of each call's arguments object in a well-formed transcript."""
+    spans, decoder, pos = [], json.JSONDecoder(), 0
+    while (at := text.find('"name": "', pos)) >= 0:
+        name = text[at + 9: text.index('"', at + 9)]
+        start = text.index("{", text.index("arguments" if '"arguments"' in text else "parameters", at))
+        end = decoder.raw_decode(text, start)[1]
+        spans.append((name, start, end))
+        pos = end
+    return spans
+
+
+@pytest.mark.parametrize("tool, text, before", CUT_TRANSCRIPTS)
+def test_a_call_cut_by_the_token_budget_is_the_same_streamed_and_not(tool: str, text: str, before: str) -> None:
+    """finish_reason "length" at every point: the streamed deltas join into the non-streamed
+    parse, and both are the calls as far as they were written (the last one's arguments a prefix
+    of the uncut text's), or, before any call's arguments start, the whole text as content."""
+    parsers = _parsers(tool, None)
+    spans = _argument_spans(text)
+    assert len(spans) == 2 and [(c.name, c.arguments) for c in parse_output(parsers, text).calls] == \
+        [(name, text[start:end]) for name, start, end in spans]
+    for cut in range(len(text) + 1):
+        prefix = text[:cut]
+        calls = [(name, prefix[start:end]) for name, start, end in spans if start < cut]
+        want = {"reasoning": "", "content": before if calls else prefix,
+                "calls": [{"id": f"call_{i}", "name": n, "arguments": a} for i, (n, a) in enumerate(calls)]}
+        parsed = parse_output(parsers, prefix, _ids(), cut=True)
+        final = {"reasoning": parsed.reasoning or "", "content": parsed.content,
+                 "calls": [{"id": i, "name": c.name, "arguments": c.arguments}
+                           for i, c in zip(parsed.call_ids, parsed.calls)]}
+        assert final == want, f"cut at {prefix!r}"
+        parser = ChoiceParser(parsers, _ids())
+        deltas = [parser.update(prefix[:i]) for i in range(cut + 1)] + [parser.finish(prefix, cut=True)]
+        content = "".join(d.content for d in deltas)
+        streamed: dict[int, dict[str, Any]] = {}
+        for call in (c for d in deltas for c in d.tool_calls):
+            entry = streamed.setdefault(call.index, {"id": call.id, "name": call.name, "arguments": ""})
+            entry["arguments"] += call.arguments
+        assert {"reasoning": "", "content": content, "calls": [streamed[i] for i in sorted(streamed)]} == want, \
+            f"streamed, cut at {prefix!r}"

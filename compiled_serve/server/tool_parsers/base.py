@@ -6,6 +6,12 @@ mentions a marker loses nothing. `parse_partial(text)` reads an unfinished text:
 prefix that can no longer change and the calls as far as they are written. The streaming
 adapter (streaming.py) sends the difference between successive partial parses, then the
 rest of the final one; a subclass only says where the calls start and how they are laid out.
+
+`parse_cut(text)` is the final answer for a text the token budget cut off (finish_reason
+"length"): every call a stream has announced stays a call, the last one's arguments as far as
+they were written (possibly unfinished JSON; the finish reason says so), as OpenAI returns a
+call cut by max_tokens. A stream cannot take back a call it announced, so this is the one
+answer both paths can give.
 """
 
 from __future__ import annotations
@@ -61,6 +67,17 @@ def scan_separated(text: str, pos: int, separator: str) -> list[PartialCall]:
         pos += len(separator)
 
 
+def announced(calls: list[PartialCall]) -> list[ToolCall]:
+    """The leading calls whose name and the start of whose arguments are written: what a stream
+    announces (in order: a later call never shows before an earlier one)."""
+    shown = []
+    for call in calls:
+        if not call.name or call.arguments is None:
+            break
+        shown.append(ToolCall(call.name, call.arguments))
+    return shown
+
+
 class ToolParser:
     """Subclasses set `name` and `prompt_format` and implement `find_calls`/`scan_calls`."""
 
@@ -88,6 +105,14 @@ class ToolParser:
             if calls:
                 return ToolParse(text[: found[0]], calls)
         return ToolParse(text, [])
+
+    def parse_cut(self, text: str) -> ToolParse:
+        found = self.find_calls(text)
+        if found is not None:
+            calls = announced(self.scan_calls(text, found[1]))
+            if calls:
+                return ToolParse(text[: found[0]], calls)
+        return self.parse(text)
 
     def parse_partial(self, text: str) -> PartialToolParse:
         found = self.find_calls(text)

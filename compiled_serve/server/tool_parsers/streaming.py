@@ -4,7 +4,8 @@ Each call appears once with its id and name (when its arguments key has been see
 closed object that turns out not to be a call has rarely been announced), then as argument
 fragments. `finish` sends what the final parse adds, so the deltas join into exactly the
 non-streamed parse for any text whose partial parses agree with its final one (every
-well-formed transcript; a broken call that was already announced cannot be taken back).
+well-formed transcript, and every text cut off by the token budget: `finish(text, cut=True)`
+ends on `parse_cut`; a broken call in a finished text, once announced, cannot be taken back).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from compiled_serve.server.tool_parsers.base import ToolParser
+from compiled_serve.server.tool_parsers.base import ToolParser, announced
 
 
 def new_call_id() -> str:
@@ -60,15 +61,11 @@ class ToolCallStreamer:
 
     def update(self, text: str) -> ParsedDelta:
         partial = self._parser.parse_partial(text)
-        announced: list[tuple[str, str]] = []
-        for call in partial.calls:  # in order: a later call never shows before an earlier one
-            if not call.name or call.arguments is None:
-                break
-            announced.append((call.name, call.arguments))
-        return self._diff(partial.content, announced)
+        return self._diff(partial.content, [(c.name, c.arguments) for c in announced(partial.calls)])
 
-    def finish(self, text: str) -> ParsedDelta:
-        final = self._parser.parse(text)
+    def finish(self, text: str, cut: bool = False) -> ParsedDelta:
+        """The rest of the final parse; `cut`: the text ended on the token budget (`parse_cut`)."""
+        final = self._parser.parse_cut(text) if cut else self._parser.parse(text)
         return self._diff(final.content, [(c.name, c.arguments) for c in final.calls])
 
     @property

@@ -1,0 +1,98 @@
+"""A tool call cut off by max_tokens, through the official `openai` client, for the hermes and
+llama3_json parsers: streamed and non-streamed answers are the same (content, tool calls,
+finish_reason), and both are the call as far as the model wrote it.
+
+A regex (structured_outputs) makes the model write the parser's call syntax under tool_choice
+auto, so the parser, not a grammar-forced path, reads it; the raw text of each cut answer is
+read back from its logprobs' tokens and the expectation is derived from it independently.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import openai
+import pytest
+from live_server import generation_server
+
+MODEL = "SmolLM2-135M-Instruct"
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                                          "unit": {"type": "string"}}}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+ARGUMENTS = '{"city": "Paris", "unit": "celsius"}'
+CALL_TEXT = {
+    "hermes": f'<tool_call>\n{{"name": "get_weather", "arguments": {ARGUMENTS}}}\n</tool_call>',
+    "llama3_json": f'{{"name": "get_weather", "parameters": {ARGUMENTS}}}',
+}
+
+
+def _literal_regex(text: str) -> str:
+    """A regex matching exactly `text` (only the metacharacters escaped: the grammar library's
+    regex syntax refuses escapes of ordinary characters)."""
+    return re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", text)
+
+
+@pytest.fixture(scope="module", params=sorted(CALL_TEXT))
+def served(request: pytest.FixtureRequest, engine) -> Any:
+    for live in generation_server(engine, tool_call_parser=request.param):
+        yield request.param, openai.OpenAI(base_url=live.base_url + "/v1", api_key="unused", max_retries=0,
+                                           timeout=120)
+
+
+def _ask(client: openai.OpenAI, parser: str, max_tokens: int, stream: bool) -> Any:
+    return client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER_TOOL], max_tokens=max_tokens, temperature=0, seed=0,
+        logprobs=True, stream=stream, extra_body={"structured_outputs": {"regex": _literal_regex(CALL_TEXT[parser])}})
+
+
+def _non_streamed(client: openai.OpenAI, parser: str, max_tokens: int) -> tuple[dict[str, Any], str, int]:
+    """(the answer, the raw text its tokens spell, how many tokens)."""
+    choice = _ask(client, parser, max_tokens, stream=False).choices[0]
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+    raw = "".join(token.token for token in choice.logprobs.content)
+    answer = {"content": choice.message.content or "", "calls": calls, "finish": choice.finish_reason}
+    return answer, raw, len(choice.logprobs.content)
+
+
+def _streamed(client: openai.OpenAI, parser: str, max_tokens: int) -> dict[str, Any]:
+    content, finish, calls = "", None, {}
+    for chunk in _ask(client, parser, max_tokens, stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+            for call in choice.delta.tool_calls or []:
+                if call.index not in calls:
+                    assert call.id and call.function.name, "a call's first delta carries its id and name"
+                    calls[call.index] = [call.function.name, ""]
+                calls[call.index][1] += call.function.arguments or ""
+    return {"content": content, "calls": [tuple(calls[i]) for i in sorted(calls)], "finish": finish}
+
+
+def _expected(parser: str, raw: str, finished: bool) -> dict[str, Any]:
+    """A call whose arguments have started is a call, its arguments as far as written; before
+    that, the text is content."""
+    start = CALL_TEXT[parser].index(ARGUMENTS)
+    if len(raw) <= start:
+        return {"content": raw, "calls": [], "finish": "length"}
+    return {"content": "", "calls": [("get_weather", raw[start: start + len(ARGUMENTS)])],
+            "finish": "tool_calls" if finished else "length"}
+
+
+@pytest.mark.heavy  # 8 constrained requests per parser on the real model
+def test_a_cut_off_call_is_the_same_streamed_and_not(served) -> None:
+    parser, client = served
+    whole, raw, length = _non_streamed(client, parser, 64)
+    assert raw.startswith(CALL_TEXT[parser]), raw  # the regex made the model write the call
+    assert whole == _expected(parser, CALL_TEXT[parser], finished=True)
+    assert _streamed(client, parser, 64) == whole
+    # Cuts before the arguments, inside them, and just before the end.
+    called = []
+    for max_tokens in sorted({length // 4, 2 * length // 3, length - 2}):
+        cut, raw, _ = _non_streamed(client, parser, max_tokens)
+        assert CALL_TEXT[parser].startswith(raw) and len(raw) < len(CALL_TEXT[parser]), raw
+        assert cut == _expected(parser, raw, finished=False), f"non-streamed, cut after {raw!r}"
+        assert _streamed(client, parser, max_tokens) == cut, f"streamed, cut after {raw!r}"
+        called.append(bool(cut["calls"]))
+    assert called[0] is False and called[-1] is True  # both sides of the arguments' start were cut
