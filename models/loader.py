@@ -56,7 +56,9 @@ def load_model(
     device: torch.device | str,
     seed: int = 0,
     tokenizer: str | None = None,
+    tp: tuple[int, int] = (0, 1),
 ) -> LoadedModel:
+    """`tp` = (rank, tensor_parallel_size): with size > 1, only that rank's shards are read."""
     if model is None:
         model = "smollm2-135m" if load_format == "dummy" else default_model_path()
     fmt = pick_format(model, load_format)
@@ -65,7 +67,7 @@ def load_model(
     logger.info("loading weights: %s (%s format, %s on %s)", model, fmt.name, str(dtype).removeprefix("torch."),
                 device)
     start = time.perf_counter()
-    loaded = fmt.load(LoadRequest(model=model, dtype=dtype, device=torch.device(device), seed=seed))
+    loaded = fmt.load(LoadRequest(model=model, dtype=dtype, device=torch.device(device), seed=seed, tp=tp))
     tensors = [*loaded.module.parameters(), *loaded.module.buffers()]
     logger.info("loaded weights in %.1fs: %.1fM parameters, %.1f MiB", time.perf_counter() - start,
                 sum(t.numel() for t in loaded.module.parameters()) / 1e6,

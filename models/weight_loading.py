@@ -48,10 +48,13 @@ def load_hf_weights(
                 unexpected.append(ckpt_name)
                 continue
             try:
-                if shard is None:
-                    default_weight_loader(param, tensor)
+                tp_loader = getattr(param, "tp_weight_loader", None)  # a tensor-parallel shard
+                if tp_loader is not None:
+                    tp_loader(tensor, shard)  # reads only this rank's rows/columns
+                elif shard is None:
+                    default_weight_loader(param, materialize(tensor))
                 else:
-                    owners[name].weight_loader(param, tensor, shard)
+                    owners[name].weight_loader(param, materialize(tensor), shard)
             except (ValueError, KeyError) as e:
                 raise ModelLoadError(f"checkpoint tensor {ckpt_name!r}: {e}") from e
             loaded.add((name, shard))
@@ -67,6 +70,11 @@ def load_hf_weights(
         raise ModelLoadError(
             f"checkpoint lacks {len(missing)} tensor(s) that {arch} needs: {_preview(missing)}"
         )
+
+
+def materialize(tensor: Any) -> torch.Tensor:
+    """A tensor, read whole if it is a lazy safetensors slice (what tensor-parallel loads yield)."""
+    return tensor if isinstance(tensor, torch.Tensor) else tensor[:]
 
 
 def _rename(ckpt_name: str, stacked: StackedParamsMapping) -> tuple[str, Any]:

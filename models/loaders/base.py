@@ -37,6 +37,7 @@ class LoadRequest:
     dtype: torch.dtype
     device: torch.device
     seed: int = 0
+    tp: tuple[int, int] = (0, 1)  # (rank, tensor_parallel_size): load only this rank's shards
 
 
 class WeightFormat(abc.ABC):
@@ -64,9 +65,15 @@ def registered_formats() -> dict[str, WeightFormat]:
     return dict(_FORMATS)
 
 
-def build_empty_module(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
+def build_empty_module(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                       tp: tuple[int, int] = (0, 1)) -> CausalLM:
     """The model in inference mode with uninitialized storage on `device`, to be filled by
-    `load_weights` (or dummy init): weights are materialized once, where they will live."""
+    `load_weights` (or dummy init): weights are materialized once, where they will live.
+    `tp` = (rank, size) with size > 1: only that rank's shards are allocated (models/tp_weights.py)."""
+    if tp[1] > 1:
+        from compiled_serve.models.tp_weights import build_tp_module
+
+        return build_tp_module(config, dtype, device, *tp)  # type: ignore[return-value]
     cls = resolve_model_class([config.architecture])
     with torch.device("meta"):
         module = cls(config)

@@ -16,7 +16,7 @@ import torch
 from compiled_serve.errors import ModelLoadError
 from compiled_serve.models.base import CausalLM
 from compiled_serve.models.config import ModelConfig
-from compiled_serve.models.layers import RMSNorm
+from compiled_serve.models.layers import PackedLinear, RMSNorm
 from compiled_serve.models.loaders.base import (
     LoadedModel,
     LoadRequest,
@@ -53,13 +53,34 @@ def _param_seed(seed: int, name: str) -> int:
 def init_dummy_weights(module: CausalLM, seed: int) -> None:
     norms = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, RMSNorm)}
     for name, param in module.named_parameters():
-        if name in norms:
+        tp_loader = getattr(param, "tp_weight_loader", None)
+        if tp_loader is not None:  # a tensor-parallel shard: this rank's slice of the TP=1 values
+            full = torch.zeros(param.shape, dtype=param.dtype, device=param.device)  # drawn whole, once
+            if not name.endswith(".bias"):
+                generator = torch.Generator(device=param.device).manual_seed(_param_seed(seed, name))
+                full.normal_(0.0, INIT_STD, generator=generator)
+            for shard_id in _shard_ids(module, name):
+                tp_loader(_section(module, name, shard_id, full), shard_id)
+        elif name in norms:
             param.fill_(1.0)
         elif name.endswith(".bias"):
             param.zero_()
         elif param.device.type != "meta":
             generator = torch.Generator(device=param.device).manual_seed(_param_seed(seed, name))
             param.normal_(0.0, INIT_STD, generator=generator)  # in place: no extra copy
+
+
+def _shard_ids(module: CausalLM, name: str) -> list:
+    owner = module.get_submodule(name.rpartition(".")[0])
+    return list(owner.shard_offsets) if isinstance(owner, PackedLinear) else [None]
+
+
+def _section(module: CausalLM, name: str, shard_id: object, full: torch.Tensor) -> torch.Tensor:
+    """The checkpoint tensor of a packed section (q, k, v / gate, up) within a full packed weight."""
+    if shard_id is None:
+        return full
+    start, size = module.get_submodule(name.rpartition(".")[0]).shard_offsets[shard_id]
+    return full.narrow(0, start, size)
 
 
 def dummy_fingerprint(config: ModelConfig, seed: int) -> str:
@@ -77,7 +98,7 @@ class DummyFormat(WeightFormat):
 
     def load(self, request: LoadRequest) -> LoadedModel:
         config, tokenizer_dir = dummy_config(request.model)
-        module = build_empty_module(config, request.dtype, request.device)
+        module = build_empty_module(config, request.dtype, request.device, tp=request.tp)
         init_dummy_weights(module, request.seed)
         tokenizer = load_hf_tokenizer(tokenizer_dir) if tokenizer_dir else None
         return LoadedModel(

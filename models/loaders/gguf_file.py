@@ -220,7 +220,7 @@ def load_gguf(request: LoadRequest) -> LoadedModel:
     require_existing(path)
     reader = open_gguf(path)
     config = gguf_config(reader)
-    module = build_empty_module(config, request.dtype, request.device)
+    module = build_empty_module(config, request.dtype, request.device, tp=request.tp)
     module.load_weights(iter_gguf_weights(reader, config))
     chat_template = _field(reader, "tokenizer.chat_template", None)
     has_vocab = "tokenizer.ggml.tokens" in reader.metadata  # tensor-only files (tests, merges) have none

@@ -12,7 +12,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from safetensors import safe_open
 
 from compiled_serve.errors import ModelLoadError
@@ -68,11 +67,13 @@ def read_model_config(directory: str) -> ModelConfig:
     return ModelConfig.from_hf(raw)
 
 
-def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[str], lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) pairs; `lazy`: (name, slice) pairs that read only what is indexed (a
+    tensor-parallel rank reads its rows/columns, never the whole tensor)."""
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name) if lazy else f.get_tensor(name)
 
 
 def load_hf_tokenizer(directory: str) -> Any:
@@ -99,8 +100,8 @@ def load_safetensors_dir(request: LoadRequest, source_prefix: str = "safetensors
             "safetensors directories and .gguf files"
         )
     config = read_model_config(directory)
-    module = build_empty_module(config, request.dtype, request.device)
-    module.load_weights(iter_safetensors(files))
+    module = build_empty_module(config, request.dtype, request.device, tp=request.tp)
+    module.load_weights(iter_safetensors(files, lazy=request.tp[1] > 1))
     tokenizer = load_hf_tokenizer(directory)
     json_files = [os.path.join(directory, n) for n in ("config.json", _INDEX) if os.path.isfile(os.path.join(directory, n))]
     return LoadedModel(

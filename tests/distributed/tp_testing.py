@@ -185,3 +185,11 @@ def rewritten_graph(model: torch.nn.Module, passes: list) -> torch.fx.GraphModul
             raise e.inner_exception from e
     assert len(graphs) == 1
     return graphs[0]
+
+
+def rank_two_steps_loaded(rank: int, world_size: int, model_dir: str, load_format: str) -> dict:
+    """On one rank: the model read per rank from `model_dir` (only its shards), two steps."""
+    from compiled_serve.models.loader import load_model
+
+    loaded = load_model(model_dir, load_format=load_format, dtype=torch.float32, device="cpu", tp=(rank, world_size))
+    return two_step_logits(loaded.module, prompts(), rank, world_size)
