@@ -48,6 +48,7 @@ from compiled_serve.passes.logits_tail_pipeline import (
 from compiled_serve.passes.pipeline import compile_model
 from compiled_serve.passes.registry import default_pass_manager
 from compiled_serve.sampling_params import SamplingParams
+from compiled_serve.structured import StructuredOutputsParams
 
 logger = logging.getLogger("compiled_serve.engine")
 
@@ -187,8 +188,8 @@ class LLMEngine:
     def _run_warmup_requests(self) -> None:
         """Runs what serving will hit through the real step path, before "ready": a full-budget
         prefill, a mixed step (a prefill chunk beside decodes), decode steps, both tail variants
-        (row-table and host-built) and the logprobs path. CUDA graphs are captured afterwards;
-        each captured graph is replayed once before ready (cuda_graphs.py).
+        (row-table and host-built), the logprobs path and grammar-constrained rows. CUDA graphs
+        are captured afterwards; each captured graph is replayed once before ready (cuda_graphs.py).
 
         The requests run on a throwaway block manager and scheduler over the same KV cache, so the
         engine's own pool, prefix cache and counters start untouched.
@@ -216,12 +217,34 @@ class LLMEngine:
                     self.add_request(f"__warmup_d{i}__", [0] * 2,
                                      SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.8, top_k=5))
                 self._drain_warmup()
+            self._warmup_constrained()
         finally:
             for rid in [r for r in self._requests if r.startswith("__warmup")]:
                 self.abort_request(rid)
             self._finish_inflight()
             self.batch.reconcile([])
             self.block_manager, self.scheduler = real
+
+    def _warmup_constrained(self) -> None:
+        """Grammar-constrained rows: the tail with a bitmask, alone and beside a penalised row (two
+        more tail graphs), and on CUDA the bitmask kernel; also builds the grammar backend's
+        tokenizer (about a second) before the first request instead of during it. A model whose
+        tokenizer the backend cannot use serves no constrained request: nothing to warm."""
+        if self.tokenizer is None:
+            return
+        try:
+            spec = StructuredOutputsParams(regex="[a-z]{1,3}")
+            self.structured.compile(SamplingParams(structured_outputs=spec))
+        except Exception as exc:  # noqa: BLE001  (the requests will get the same error as a 400)
+            logger.info("no constrained warm-up: %s", exc)
+            return
+        constrained = SamplingParams(max_tokens=3, temperature=0.8, structured_outputs=spec)
+        self.add_request("__warmup_g0__", [0] * 3, constrained)
+        self._drain_warmup()
+        self.add_request("__warmup_g1__", [0] * 3, constrained)
+        self.add_request("__warmup_g2__", [0] * 3,
+                         SamplingParams(max_tokens=2, ignore_eos=True, repetition_penalty=1.1))
+        self._drain_warmup()
 
     def _drain_warmup(self) -> None:
         while self.has_unfinished_requests():

@@ -160,7 +160,10 @@ class StepRunner:
             self.on_logits(seqs, logits)
         if special_tail is not None:
             # Own allocations: views into one packed buffer change alignment with the row count.
-            args = tuple(a.clone() if a is not None else None for a in special_tail.args)
+            # Contiguous too: a one-row slice (the penalty counts, [1, V] of [1, V + 1]) would keep
+            # its parent's row stride through clone() and give the tail a graph of its own.
+            args = tuple(a.clone(memory_format=torch.contiguous_format) if a is not None else None
+                         for a in special_tail.args)
             sampled, _ = self.logits_tail(special_tail.edit_logits(logits), *args)
         else:
             temperature, top_k, top_p, min_p, greedy = (t.index_select(0, d_sample_rows) for t in self._params)
