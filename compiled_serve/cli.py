@@ -31,7 +31,7 @@ _ENGINE_FLAGS: dict[str, type] = {
     "model": str, "load_format": str, "dtype": str, "device": str, "seed": int, "tokenizer": str,
     "block_size": int, "gpu_memory_utilization": float, "cpu_kv_cache_gib": float, "num_kv_blocks": int,
     "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int, "max_logprobs": int,
-    "max_n": int, "compile_mode": str, "build_dir": str, "build_fallback": str,
+    "max_n": int, "compile_mode": str, "build_dir": str, "build_fallback": str, "build_cache_gib": float,
 }
 _SERVER_FLAGS: dict[str, type] = {
     "host": str, "port": int, "api_key": str, "max_waiting_requests": int, "retry_after_s": int,
@@ -58,6 +58,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="reuse the KV cache of a shared prompt prefix across requests")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs for decode steps (CUDA only; CPU never uses them)")
+    parser.add_argument("--build-cache", action=argparse.BooleanOptionalAction,
+                        default=engine_defaults["build_cache"],
+                        help="keep builds (and a GGUF model's loaded weights) in $COMPILED_SERVE_CACHE_ROOT "
+                             "(default ~/.cache/compiled_serve), so the next start with the same settings loads "
+                             "instead of compiling; --no-build-cache: compile every start and write nothing; "
+                             "ignored with --build-dir")
     parser.add_argument("--log-level", default="info", choices=_LOG_LEVELS,
                         help="least severe log lines shown, on stderr (default: info)")
     from compiled_serve.build.command import add_pass_flags
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{name: getattr(args, name) for name in _ENGINE_FLAGS},
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                        build_cache=args.build_cache,
                         extra_passes=tuple(args.extra_passes), disabled_passes=tuple(args.disabled_passes))
 
 

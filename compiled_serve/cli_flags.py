@@ -50,6 +50,7 @@ HELP: dict[str, str] = {
                  "compiling; none: compile at start-up",
     "build_fallback": "when --build-dir holds no matching build: refuse (an error naming what differs) or "
                       "compile (and use the directory as a cache)",
+    "build_cache_gib": "bound of the build cache in GiB; beyond it the least recently used builds are removed",
     "scheduling": "async: launch step N+1 while step N runs; sync: one step at a time; legacy: the old path",
     "host": "address to listen on; 127.0.0.1: this machine only; 0.0.0.0: every interface (set --api-key)",
     "port": "TCP port to listen on; 0: any free port",

@@ -60,6 +60,11 @@ class EngineConfig:
     # "compile" (compile at start-up, the directory used as a cache).
     build_dir: str | None = None
     build_fallback: str = "refuse"
+    # Without build_dir, `serve`, `chat` and `LLM()` keep builds (and a GGUF model's loaded weights)
+    # in the build cache ($COMPILED_SERVE_CACHE_ROOT, default ~/.cache/compiled_serve), so a second
+    # start of the same settings loads instead of compiling; bounded by build_cache_gib (LRU).
+    build_cache: bool = True
+    build_cache_gib: float = 4.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,6 +89,7 @@ class EngineConfig:
             ("build_fallback", self.build_fallback in _BUILD_FALLBACKS, f"must be one of {_BUILD_FALLBACKS}"),
             ("build_fallback", self.build_fallback == "refuse" or self.build_dir is not None,
              "only applies with build_dir"),
+            ("build_cache_gib", self.build_cache_gib > 0, "must be > 0"),
         ]
         for name, ok, message in checks:
             if not ok:

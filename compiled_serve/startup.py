@@ -2,29 +2,40 @@
 
     ... INFO compiled_serve.models: loading weights: /path/model.gguf (gguf format, float32 on cpu)
     ... INFO compiled_serve.models: loaded weights in 21.3s: 134.5M parameters, 513 MiB
+    ... INFO compiled_serve.build: build cache: no build 3f2a... in ~/.cache/compiled_serve yet; compiling
     ... INFO compiled_serve.engine: compiling (warm-up steps)
     ... INFO compiled_serve.passes: passes on graph 0: {...} in 0.030s
     ... INFO compiled_serve.passes: compiled graph 0 (inductor) in 31.20s
-    ... INFO compiled_serve.engine: engine ready in 58.1s: load 21.9s, compile and warm-up 36.0s (...)
+    ... INFO compiled_serve.engine: warm-up done in 58.1s: dynamo capture 9.0s, passes and inductor 31.2s, ...
+    ... INFO compiled_serve.build: build 3f2a... stored in the build cache in 0.4s (0.52 GiB of 4.00 GiB ...)
+    ... INFO compiled_serve.engine: engine ready in 80.1s: load 21.9s, compile and warm-up 58.1s (...)
 
-The ready line's figures are the engine's own (`load_seconds`, `compile_seconds`), the ones its
-startup report shows.
+The figures of the warm-up and ready lines are the engine's own (`load_seconds`, `compile_seconds`,
+`compile_report`), the ones its startup report shows, plus dynamo's own compile timers.
+
+The build cache (compiled_serve.cache.build_cache): unless `EngineConfig.build_cache` is off or a
+`build_dir` is named, the engine looks its build up in the cache before compiling; after a miss,
+what torch recorded while compiling is stored there for the next start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from compiled_serve.build.progress import CompileProgress
+from compiled_serve.cache.build_cache import BuildCache
 from compiled_serve.config import EngineConfig
 
 if TYPE_CHECKING:
     from compiled_serve.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("compiled_serve.engine")
+build_logger = logging.getLogger("compiled_serve.build")
 
 
 def on_a_terminal() -> bool:
@@ -32,21 +43,93 @@ def on_a_terminal() -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
+def build_cache_for(config: EngineConfig) -> BuildCache | None:
+    """The build cache this config uses: none with a build_dir or with build_cache off."""
+    if config.build_dir is not None or not config.build_cache:
+        return None
+    return BuildCache(max_bytes=int(config.build_cache_gib * 2**30))
+
+
 def start_engine(config: EngineConfig, spinner: bool | None = None) -> LLMEngine:
     """Builds the engine, logging each phase; `spinner` None: on a terminal only."""
     from compiled_serve.engine.llm_engine import LLMEngine
 
     start = time.perf_counter()
-    with CompileProgress(enabled=on_a_terminal() if spinner is None else spinner) as progress:
-        engine = LLMEngine(config, on_progress=progress.update)
+    cache = build_cache_for(config)
+    dynamo_before = _dynamo_seconds()
+    with CompileProgress(enabled=on_a_terminal() if spinner is None else spinner) as progress, \
+            _recording(cache):
+        engine = LLMEngine(config, on_progress=progress.update, build_cache=cache)
+        dynamo = _minus(_dynamo_seconds(), dynamo_before)
+        logger.info(warmup_line(engine, dynamo))
+        status = engine.build_status
+        if cache is not None and status is not None and not status.loaded:
+            _store_build(engine, cache)
     logger.info(ready_line(engine, time.perf_counter() - start))
     return engine
 
 
+@contextlib.contextmanager
+def _recording(cache: BuildCache | None) -> Iterator[None]:
+    """Record torch's compile artifacts while the engine starts, when the cache wants them."""
+    if cache is None:
+        yield
+        return
+    from compiled_serve.cache.inductor_artifacts import recording_compile_artifacts
+
+    with recording_compile_artifacts():
+        yield
+
+
+def _store_build(engine: LLMEngine, cache: BuildCache) -> None:
+    from compiled_serve.build.compile import PASS_REPORT_ARTIFACT, pass_report
+    from compiled_serve.cache.build_key import canonical_json
+    from compiled_serve.cache.inductor_artifacts import capture_inductor_artifacts
+
+    start = time.perf_counter()
+    status = engine.build_status
+    assert status is not None
+    try:
+        artifacts = capture_inductor_artifacts()
+        artifacts[PASS_REPORT_ARTIFACT] = canonical_json(pass_report(engine.compile_report, engine.tail_report))
+        cache.save(engine.build_key, artifacts, report={"model": engine.model_source,
+                                                        "compile_seconds": round(engine.compile_seconds, 2)})
+    except Exception as exc:  # the cache must never stop a start
+        build_logger.warning("could not store the build in the build cache: %s", exc)
+        status.message = f"cache miss: compiled; not stored ({exc})"
+        return
+    size = cache.describe()
+    build_logger.info("build %s stored in the build cache in %.1fs (%s)", engine.build_key.digest()[:12],
+                      time.perf_counter() - start, size)
+    status.message += f"; cache {size}"
+
+
+def _dynamo_seconds() -> tuple[float, float]:
+    """(dynamo's whole compile time, the backend's part of it) so far in this process, from dynamo's
+    own timers (private API: zeros where it is missing)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return 0.0, 0.0
+    whole = sum(compilation_time_metrics.get("_compile.compile_inner", []))
+    backend = sum(compilation_time_metrics.get("OutputGraph.call_user_compiler", []))
+    return whole, backend
+
+
+def _minus(after: tuple[float, float], before: tuple[float, float]) -> float:
+    """Dynamo's own time (capture, guards, bytecode) between two `_dynamo_seconds` readings."""
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
+
+
+def warmup_line(engine: LLMEngine, dynamo_seconds: float) -> str:
+    backend = sum(graph["seconds"] for graph in engine.compile_report.graphs)
+    rest = max(0.0, engine.compile_seconds - backend - dynamo_seconds)
+    return (f"warm-up done in {engine.compile_seconds:.1f}s: dynamo capture {dynamo_seconds:.1f}s, passes and "
+            f"{engine.config.compile_mode} backend {backend:.1f}s ({len(engine.compile_report.graphs)} model "
+            f"graph(s)), warm-up steps and tail graphs {rest:.1f}s")
+
+
 def ready_line(engine: LLMEngine, total_seconds: float) -> str:
-    graphs = engine.compile_report.graphs
-    backend = sum(graph["seconds"] for graph in graphs)
+    build = engine.build_status.message if engine.build_status is not None else "no build cache"
     return (f"engine ready in {total_seconds:.1f}s: load {engine.load_seconds:.1f}s, compile and warm-up "
-            f"{engine.compile_seconds:.1f}s ({len(graphs)} model graph(s), passes and "
-            f"{engine.config.compile_mode} backend {backend:.1f}s of it; the rest is dynamo capture and "
-            "warm-up steps)")
+            f"{engine.compile_seconds:.1f}s; build: {build}")

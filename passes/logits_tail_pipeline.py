@@ -30,7 +30,7 @@ TAIL_PREFIX = "logits-tail/"
 
 def logits_tail_pass_manager() -> PassManager:
     """No-op elimination (the `.float()` of float32 logits), then the required fused-sampling pass."""
-    return PassManager([NoOpEliminationPass(), FusedSamplingPass()])
+    return PassManager([NoOpEliminationPass(), FusedSamplingPass()], label="logits-tail graph")
 
 
 def compile_logits_tail(

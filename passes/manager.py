@@ -67,7 +67,10 @@ class PassReport:
 class PassManager:
     """`PassManager(passes)(gm) -> PassReport`; `uuids()` names the pass list in the build key."""
 
-    def __init__(self, passes: Iterable[GraphPass], dump_dir: str | Path | None = None):
+    def __init__(self, passes: Iterable[GraphPass], dump_dir: str | Path | None = None, label: str = "graph"):
+        # `label` names this manager's graphs in the log ("passes on logits-tail graph 0"), so the
+        # model's graph 0 and the logits tail's graph 0 are told apart.
+        self.label = label
         passes = list(passes)
         for p in passes:
             if not isinstance(p, GraphPass):
@@ -95,7 +98,7 @@ class PassManager:
             seconds = time.perf_counter() - start
             self._dump(gm, graph_id, i, p, "after")
             report.records.append(PassRecord(p.name, p.phase, matches, before, count_ops(gm), seconds))
-        logger.info("passes on graph %d: %s in %.3fs", graph_id, report.matches, report.seconds)
+        logger.info("passes on %s %d: %s in %.3fs", self.label, graph_id, report.matches, report.seconds)
         return report
 
     def uuids(self) -> list[tuple[str, str]]:

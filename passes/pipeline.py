@@ -66,7 +66,7 @@ def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: C
             compiled = gm.forward
         entry["seconds"] = time.perf_counter() - start
         report.graphs.append(entry)
-        logger.info("compiled graph %d (%s) in %.2fs", len(report.graphs) - 1, mode, entry["seconds"])
+        logger.info("compiled %s %d (%s) in %.2fs", manager.label, len(report.graphs) - 1, mode, entry["seconds"])
         return compiled
 
     return backend

@@ -1,7 +1,7 @@
 """The `compiled-serve compile` subcommand (the parser lives beside `serve` in cli.py).
 
     compiled-serve compile [--model] M [--buckets 2,4,8] [--dtype D] [--pass SPEC] [--disable-pass NAME]
-                           --build-dir DIR [--explain]    # --out DIR is an alias
+                           --build-dir DIR [--explain]    # --out DIR: deprecated spelling
     compiled-serve compile --model M ... --verify DIR      # recompile, compare manifests (CI)
 """
 
@@ -31,6 +31,18 @@ def add_pass_flags(parser: argparse.ArgumentParser) -> None:
                         help="leave a pass out by name (repeatable; paged-attention is required)")
 
 
+class _DeprecatedOut(argparse.Action):
+    """`compile --out DIR`, the old spelling of `--build-dir DIR`: still works, and says so."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        import sys
+
+        print("compiled-serve: warning: `compile --out` is deprecated; use --build-dir (the flag serve reads "
+              "the directory with)", file=sys.stderr)
+        namespace.build_dir = values
+
+
 def add_compile_parser(commands: Any) -> None:
     parser = commands.add_parser("compile", help="prebuild and persist what a server needs (warm start)")
     add_positional_model(parser)
@@ -40,8 +52,9 @@ def add_compile_parser(commands: Any) -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     add_pass_flags(parser)
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--build-dir", "--out", dest="build_dir", metavar="DIR",
-                        help="build directory to save into (what `serve --build-dir` reads; --out is an alias)")
+    target.add_argument("--build-dir", dest="build_dir", metavar="DIR",
+                        help="build directory to save into (the flag `serve --build-dir` reads it with)")
+    target.add_argument("--out", dest="build_dir", metavar="DIR", action=_DeprecatedOut, help=argparse.SUPPRESS)
     target.add_argument("--verify", metavar="DIR", help="recompile and compare with the build stored in DIR")
     parser.add_argument("--explain", action="store_true", help="print the build key, pass report and log")
     parser.add_argument("--no-progress", dest="progress", action="store_false",

@@ -12,6 +12,10 @@ Policy, since the user asked for a build directory explicitly:
 - a build for this key that is partial, tampered or whose manifest holds another key is always
   refused: `BuildRefusedError`, and the engine does not start (serving a build we cannot trust, or
   silently recompiling over it, would both hide a broken deployment).
+
+Without a build directory the engine may use the build cache (`open_build` with a `BuildCache`):
+the same verified load, but a miss or a broken entry just compiles (`compiled_serve.startup`
+then stores the new build), since a cache must never stop a start.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from compiled_serve.cache import (
     BuildKey,
     InductorArtifactError,
 )
+from compiled_serve.cache.build_cache import BuildCache
 from compiled_serve.cache.inductor_artifacts import INDUCTOR_CACHE_ARTIFACT, install_inductor_artifacts
+from compiled_serve.config import EngineConfig
 from compiled_serve.errors import CompiledServeError
 
 logger = logging.getLogger("compiled_serve.build")
@@ -49,6 +55,36 @@ class BuildStatus:
     digest: str | None = None
     num_artifacts: int = 0
     installed: dict[str, list[str]] = field(default_factory=dict)
+    cache: BuildCache | None = None  # set when the build came from (or goes to) the build cache
+
+
+def open_build(config: EngineConfig, key: BuildKey, cache: BuildCache | None) -> BuildStatus | None:
+    """What the engine loads before its first compile: the build of `config.build_dir` (the policy
+    above), else the build cache's entry for `key`, else nothing (None: no cache, no directory)."""
+    if config.build_dir is not None:
+        return load_build(config.build_dir, key, fallback=config.build_fallback)
+    if cache is None:
+        return None
+    digest = key.digest()
+    build = cache.load(key)
+    if build is None:
+        logger.info("build cache: no build %s in %s yet; compiling (stored for the next start)",
+                    digest[:12], cache.root)
+        return BuildStatus(False, f"cache miss: compiled, stored as {digest[:12]}", digest, cache=cache)
+    blob = build.artifacts.get(INDUCTOR_CACHE_ARTIFACT)
+    installed: dict[str, list[str]] = {}
+    if blob is not None:
+        try:
+            installed = install_inductor_artifacts(blob)
+        except InductorArtifactError as exc:
+            logger.warning("build cache: discarding build %s: %s", digest[:12], exc)
+            cache.discard(digest)
+            return BuildStatus(False, f"cache miss (unreadable entry): compiled, stored as {digest[:12]}",
+                               digest, cache=cache)
+    n = len(build.artifacts)
+    logger.info("build %s loaded from the build cache %s: %d artifacts", digest[:12], cache.root, n)
+    return BuildStatus(True, f"cache hit: build {digest[:12]} loaded ({n} artifacts)", digest, n, installed,
+                       cache=cache)
 
 
 def load_build(build_dir: str | Path, key: BuildKey, fallback: str = "refuse") -> BuildStatus:

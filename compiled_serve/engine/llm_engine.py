@@ -14,8 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compiled_serve.build import BuildStatus, load_build
+from compiled_serve.build import BuildStatus
+from compiled_serve.build.loading import open_build
+from compiled_serve.build.model_snapshot import load_model_cached
 from compiled_serve.cache import BuildKey
+from compiled_serve.cache.build_cache import BuildCache
 from compiled_serve.config import EngineConfig
 from compiled_serve.detokenizer import IncrementalDetokenizer
 from compiled_serve.engine.block_manager import BlockManager
@@ -38,7 +41,6 @@ from compiled_serve.engine.step_runner import InFlightStep, StepRunner
 from compiled_serve.engine.step_sampler import TailInputs, TailRow, raw_logprobs, wrap_int64
 from compiled_serve.engine.structured_state import StructuredState
 from compiled_serve.errors import InvalidParameterError
-from compiled_serve.models.loader import load_model
 from compiled_serve.outputs import RequestOutput
 from compiled_serve.passes.logits_tail_pipeline import (
     EnginePasses,
@@ -69,13 +71,15 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, on_progress: Callable[[str], None] | None = None):
+    def __init__(self, config: EngineConfig | None = None, on_progress: Callable[[str], None] | None = None,
+                 build_cache: BuildCache | None = None):
+        """`build_cache`: where a loaded GGUF model and the build are looked up and kept
+        (compiled_serve.startup passes one unless the config turns it off)."""
         self.config = config = config or EngineConfig()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         t0 = time.perf_counter()
-        loaded = load_model(config.model, load_format=config.load_format, dtype=self.dtype, device=self.device,
-                            seed=config.seed, tokenizer=config.tokenizer)
+        loaded = load_model_cached(config, self.dtype, self.device, build_cache)
         self.load_seconds = time.perf_counter() - t0
         self.model = loaded.module
         self.model_config = mc = loaded.config
@@ -99,9 +103,7 @@ class LLMEngine:
             model_config=mc.to_dict(), weight_fingerprint=self.weight_fingerprint,
             passes=EnginePasses(self.pass_manager, self.tail_pass_manager).uuids(), buckets=self.decode_buckets,
             dtype=self.dtype, compile_mode=config.compile_mode, device=self.device)
-        self.build_status: BuildStatus | None = None
-        if config.build_dir is not None:
-            self.build_status = load_build(config.build_dir, self.build_key, fallback=config.build_fallback)
+        self.build_status: BuildStatus | None = open_build(config, self.build_key, build_cache)
         step_fn, self.compile_report = compile_model(self.model, mode=config.compile_mode, passes=self.pass_manager)
         # The tail's rewritten graph is one fused_sample call: nothing for Inductor to generate, so
         # it runs as is in every mode (no compile time, no extra build artifacts).
@@ -543,7 +545,7 @@ class LLMEngine:
             "max_model_len": self.max_model_len,
             "compile_mode": self.config.compile_mode,
             "compile_status": f"compiled {self.compile_report.num_graphs} graph(s) in {self.compile_seconds:.1f}s",
-            "build": self.build_status.message if self.build_status else "none (no build_dir)",
+            "build": self.build_status.message if self.build_status else "none (no build_dir, no build cache)",
             "cuda_graphs": self._cuda_graph_status(),
             "load_seconds": round(self.load_seconds, 2),
         }
