@@ -30,6 +30,12 @@ def run_bench(tmp: Path, command: str, *flags: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+@pytest.fixture
+def bench_runner():
+    """`run_bench` for test modules (a `from conftest import` would find another directory's conftest)."""
+    return run_bench
+
+
 @pytest.fixture(scope="session")
 def bench_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("bench")

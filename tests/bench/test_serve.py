@@ -7,7 +7,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import run_bench
 
 from compiled_serve.bench.defaults import ARRIVAL_SEED
 from compiled_serve.bench.serve import arrival_offsets, percentile
@@ -28,8 +27,8 @@ def test_poisson_arrivals() -> None:
 
 
 @pytest.mark.heavy
-def test_serve_end_to_end(tmp_path: Path) -> None:
-    record = run_bench(tmp_path, "serve", "--num-requests", "4", "--max-prompt-len", "16", "--max-output-len", "6",
+def test_serve_end_to_end(tmp_path: Path, bench_runner) -> None:
+    record = bench_runner(tmp_path, "serve", "--num-requests", "4", "--max-prompt-len", "16", "--max-output-len", "6",
                        "--rates", "200", "50")
     assert record["headline"] is None and record["result"]["startup_s"] > 0
     rows = record["result"]["rates"]
