@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 import pytest
+from chat_stream import streamed_chat
 from live_server import generation_server
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -41,15 +42,14 @@ def served(request: pytest.FixtureRequest, engine) -> Any:
                                            timeout=120)
 
 
-def _ask(client: openai.OpenAI, parser: str, max_tokens: int, stream: bool) -> Any:
-    return client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=[WEATHER_TOOL], max_tokens=max_tokens, temperature=0, seed=0,
-        logprobs=True, stream=stream, extra_body={"structured_outputs": {"regex": _literal_regex(CALL_TEXT[parser])}})
+def _request(parser: str, max_tokens: int) -> dict[str, Any]:
+    return dict(model=MODEL, messages=ASK, tools=[WEATHER_TOOL], max_tokens=max_tokens, temperature=0, seed=0,
+                logprobs=True, extra_body={"structured_outputs": {"regex": _literal_regex(CALL_TEXT[parser])}})
 
 
 def _non_streamed(client: openai.OpenAI, parser: str, max_tokens: int) -> tuple[dict[str, Any], str, int]:
     """(the answer, the raw text its tokens spell, how many tokens)."""
-    choice = _ask(client, parser, max_tokens, stream=False).choices[0]
+    choice = client.chat.completions.create(**_request(parser, max_tokens)).choices[0]
     calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
     raw = "".join(token.token for token in choice.logprobs.content)
     answer = {"content": choice.message.content or "", "calls": calls, "finish": choice.finish_reason}
@@ -57,17 +57,8 @@ def _non_streamed(client: openai.OpenAI, parser: str, max_tokens: int) -> tuple[
 
 
 def _streamed(client: openai.OpenAI, parser: str, max_tokens: int) -> dict[str, Any]:
-    content, finish, calls = "", None, {}
-    for chunk in _ask(client, parser, max_tokens, stream=True):
-        for choice in chunk.choices:
-            content += choice.delta.content or ""
-            finish = choice.finish_reason or finish
-            for call in choice.delta.tool_calls or []:
-                if call.index not in calls:
-                    assert call.id and call.function.name, "a call's first delta carries its id and name"
-                    calls[call.index] = [call.function.name, ""]
-                calls[call.index][1] += call.function.arguments or ""
-    return {"content": content, "calls": [tuple(calls[i]) for i in sorted(calls)], "finish": finish}
+    content, calls, finish = streamed_chat(client, **_request(parser, max_tokens))
+    return {"content": content, "calls": [call[1:] for call in calls], "finish": finish}
 
 
 def _expected(parser: str, raw: str, finished: bool) -> dict[str, Any]:

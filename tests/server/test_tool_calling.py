@@ -9,6 +9,7 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
+from chat_stream import streamed_chat
 from live_server import generation_server
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -47,13 +48,37 @@ def test_streamed_auto_matches_non_streamed(client: openai.OpenAI) -> None:
     kwargs: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "messages": ASK, "tools": [WEATHER_TOOL],
                               "max_tokens": 48, "temperature": 0}
     whole = client.chat.completions.create(**kwargs).choices[0]
-    content, finish = "", None
-    for chunk in client.chat.completions.create(stream=True, **kwargs):
-        for choice in chunk.choices:
-            content += choice.delta.content or ""
-            finish = choice.finish_reason or finish
+    content, calls, finish = streamed_chat(client, **kwargs)
     assert content == (whole.message.content or "")
+    assert [call[1:] for call in calls] == [(c.function.name, c.function.arguments)
+                                            for c in whole.message.tool_calls or []]
     assert finish == whole.finish_reason
+
+
+# Under tool_choice auto, a regex makes the model write two hermes calls, so the parser (not the
+# forced-call grammar) must find both; the city, unit and zone are still the model's choice.
+TWO_CALLS = [{"role": "user", "content": "Weather in Paris, and the time in Oslo?"}]
+TWO_CALLS_REGEX = (r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{1,10}", '
+                   r'"unit": "(celsius|fahrenheit)"\}\}\n</tool_call>\n<tool_call>\n\{"name": "get_time", '
+                   r'"arguments": \{"zone": "[A-Z]{3}"\}\}\n</tool_call>')
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_two_auto_calls_parse_streamed_and_not(client: openai.OpenAI, parallel: bool) -> None:
+    kwargs: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "messages": TWO_CALLS,
+                              "tools": [WEATHER_TOOL, TIME_TOOL], "parallel_tool_calls": parallel,
+                              "temperature": 1.0, "seed": 5, "max_tokens": 120,
+                              "extra_body": {"structured_outputs": {"regex": TWO_CALLS_REGEX}}}
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None, whole
+    calls = whole.message.tool_calls
+    assert [c.function.name for c in calls] == (["get_weather", "get_time"] if parallel else ["get_weather"])
+    _validate_calls(calls, [WEATHER_TOOL, TIME_TOOL])
+    assert len({c.id for c in calls}) == len(calls)
+    content, streamed, finish = streamed_chat(client, **kwargs)
+    assert (content, finish) == ("", "tool_calls")
+    assert [call[1:] for call in streamed] == [(c.function.name, c.function.arguments) for c in calls]
+    assert len({call[0] for call in streamed}) == len(streamed)
 
 
 def test_tool_choice_none_sends_no_tools_to_the_prompt(client: openai.OpenAI, live) -> None:
@@ -168,9 +193,10 @@ def test_parallel_calls_get_distinct_ids_and_validate(client: openai.OpenAI) -> 
         model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Weather in Paris and Oslo?"}],
         tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required", parallel_tool_calls=True, temperature=1.0,
         n=4, max_tokens=400, seed=3)
-    for choice in response.choices:
-        if choice.finish_reason == "length":
-            continue  # the grammar allows any number of calls; a long array may not close in time
+    closed = [choice for choice in response.choices if choice.finish_reason != "length"]
+    assert closed  # the grammar allows any number of calls; a long array may not close in time
+    for choice in closed:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
         _validate_calls(choice.message.tool_calls, [WEATHER_TOOL, TIME_TOOL])
         assert len({c.id for c in choice.message.tool_calls}) == len(choice.message.tool_calls)
 
