@@ -165,16 +165,17 @@ class StepRunner:
             args = tuple(a.clone(memory_format=torch.contiguous_format) if a is not None else None
                          for a in special_tail.args)
             sampled, _ = self.logits_tail(special_tail.edit_logits(logits), *args)
+            tail_logprobs = None  # of the edited logits (bias, suppression): not the raw ones
         else:
             temperature, top_k, top_p, min_p, greedy = (t.index_select(0, d_sample_rows) for t in self._params)
             seeds = self._params_seed.index_select(0, d_sample_rows)
             args = (temperature, top_k.int(), top_p, min_p, seeds, d_offsets, greedy.bool()) + (None,) * 5
-            sampled, _ = self.logits_tail(logits, *args)
+            sampled, tail_logprobs = self.logits_tail(logits, *args)
         self.next_tokens.index_copy_(0, d_sample_rows, sampled)
         token_ids = self._to_host(sampled)
         lps = None
         if num_logprobs is not None:  # of the raw logits, before bias and suppression, as vLLM gives them
-            out = raw_logprobs(logits, sampled, num_logprobs)
+            out = raw_logprobs(logits, sampled, num_logprobs, tail_logprobs)
             lps = tuple(self._to_host(t) for t in (out.logprobs, out.ranks, out.top_ids, out.top_values)
                         if t is not None)
         event = None

@@ -146,12 +146,28 @@ class RawLogprobs(NamedTuple):
     top_values: torch.Tensor | None  # [N, k] float32
 
 
-def raw_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int) -> RawLogprobs:
-    """Logprobs of the unprocessed logits [N, V] (as vLLM returns them), for the sampled tokens [N]."""
-    raw = logits.float().log_softmax(dim=-1)  # [N, V]
-    token_logprobs = raw.gather(1, token_ids[:, None])  # [N, 1]
-    ranks = (raw > token_logprobs).sum(dim=-1) + 1  # [N]
+def raw_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int, sampled_logprobs: torch.Tensor | None = None
+) -> RawLogprobs:
+    """Logprobs of the unprocessed logits [N, V] (as vLLM returns them), for the sampled tokens [N].
+
+    No [N, V] log_softmax is materialised: with the row's log-normaliser lse, a logprob is
+    `logit - lse`, the rank counts larger logits and the top entries are the logits' top-k
+    shifted by lse. `sampled_logprobs` [N] is the fused sampler's own output when it sampled
+    these very logits (then lse = logit[token] - logprob, and no reduction over V is needed for
+    it); without it, lse is one logsumexp over the row.
+    """
+    x = logits.float()  # [N, V]; a no-op for the float32 logits the model computes
+    token_logits = x.gather(1, token_ids[:, None])  # [N, 1]
+    if sampled_logprobs is None:
+        lse = x.logsumexp(dim=-1, keepdim=True)  # [N, 1]
+        token_logprobs = (token_logits - lse)[:, 0]
+    else:
+        token_logprobs = sampled_logprobs.float()
+        lse = token_logits - token_logprobs[:, None]
+    ranks = (x > token_logits).sum(dim=-1) + 1  # [N]
     top_ids = top_values = None
     if num_logprobs > 0:
-        top_values, top_ids = raw.topk(num_logprobs, dim=-1)  # [N, k] each
-    return RawLogprobs(token_logprobs[:, 0], ranks, top_ids, top_values)
+        top_logits, top_ids = x.topk(num_logprobs, dim=-1)  # [N, k] each
+        top_values = top_logits - lse
+    return RawLogprobs(token_logprobs, ranks, top_ids, top_values)

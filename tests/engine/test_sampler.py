@@ -311,6 +311,30 @@ def test_greedy_rows_take_argmax_of_penalized_logits():
     assert torch.equal(sample(logits, build(all_greedy)), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("num_logprobs", [0, 3])
+def test_logprobs_from_the_fused_samplers_own_output(num_logprobs):
+    """Plain rows (no penalties, bias or suppression): the sampler's logprob gives the row's
+    normaliser, and every figure equals a float64 log_softmax of the logits."""
+    params = [SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=0.0),
+              SamplingParams(top_p=0.3, seed=4)]
+    logits = random_logits(len(params), seed=12) * 3
+    inputs = build(params)
+    tokens, tail_logprobs = logits_tail(logits, *inputs.args)
+    out = raw_logprobs(logits, tokens, num_logprobs, tail_logprobs)
+    ref = logits.double().log_softmax(dim=-1)
+    torch.testing.assert_close(out.logprobs.double(), ref.gather(1, tokens[:, None])[:, 0], atol=1e-5, rtol=0)
+    assert out.ranks.tolist() == ((ref > ref.gather(1, tokens[:, None])).sum(-1) + 1).tolist()
+    if num_logprobs:
+        values, ids = ref.topk(num_logprobs, dim=-1)
+        assert torch.equal(out.top_ids, ids)
+        torch.testing.assert_close(out.top_values.double(), values, atol=1e-5, rtol=0)
+    # The normaliser really comes from the sampler's output: shift it and every value follows.
+    shifted = raw_logprobs(logits, tokens, num_logprobs, tail_logprobs - 1.0)
+    torch.testing.assert_close(shifted.logprobs, out.logprobs - 1.0)
+    if num_logprobs:
+        torch.testing.assert_close(shifted.top_values, out.top_values - 1.0)
+
+
 @pytest.mark.parametrize("num_logprobs", [0, 1, 5])
 def test_logprobs_are_raw_log_softmax(num_logprobs):
     params = [SamplingParams(temperature=0.7, top_k=4, repetition_penalty=1.5, logit_bias={2: 30.0}),
