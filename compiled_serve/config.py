@@ -36,6 +36,9 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
     max_model_len: int | None = None  # defaults to the model's context length
+    # Tensor parallelism: ranks (processes) the model is sharded over by TensorParallelPass; the
+    # engine is rank 0 and starts a worker per other rank (gloo on CPU, NCCL on CUDA, on loopback).
+    tensor_parallel_size: int = 1
     # Sampling caps.
     max_logprobs: int = 20
     max_n: int = 16
@@ -80,6 +83,8 @@ class EngineConfig:
             ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 1, "must be >= 1"),
+            ("tensor_parallel_size", isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+             "must be an int >= 1"),
             ("max_logprobs", self.max_logprobs >= 0, "must be >= 0"),
             ("max_n", self.max_n >= 1, "must be >= 1"),
             ("cuda_graph_buckets", self.cuda_graph_buckets is None or (

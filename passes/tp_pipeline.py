@@ -26,8 +26,10 @@ def with_tensor_parallel(manager: PassManager, rank: int, world_size: int) -> Pa
 def compile_logits(model: torch.nn.Module, rank: int, world_size: int, mode: str = "graph") -> tuple[Callable, CompileReport]:
     """`model.compute_logits` captured and sharded for one rank: hidden [n, h] -> logits [n, V] float32."""
 
+    compute = type(model).compute_logits  # the class's: an engine may shadow the instance's (tp_engine.py)
+
     def logits(hidden: torch.Tensor) -> torch.Tensor:
-        return model.compute_logits(hidden)
+        return compute(model, hidden)
 
     # A code object of its own, as step_entry_point does: dynamo's graph cache is per code object.
     fresh = types.FunctionType(logits.__code__.replace(), logits.__globals__, logits.__name__,

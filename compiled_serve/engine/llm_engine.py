@@ -40,6 +40,7 @@ from compiled_serve.engine.stats import EngineStats
 from compiled_serve.engine.step_runner import InFlightStep, StepRunner
 from compiled_serve.engine.step_sampler import TailInputs, TailRow, raw_logprobs, wrap_int64
 from compiled_serve.engine.structured_state import StructuredState
+from compiled_serve.engine.tp_engine import TensorParallelDriver
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.outputs import RequestOutput
 from compiled_serve.passes.logits_tail_pipeline import (
@@ -78,8 +79,11 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        # Tensor parallel: this process is rank 0; the workers start (and load) meanwhile.
+        self.tp = TensorParallelDriver(config, self.device) if config.tensor_parallel_size > 1 else None
         t0 = time.perf_counter()
-        loaded = load_model_cached(config, self.dtype, self.device, build_cache)
+        loaded = self.tp.load_model(self.dtype) if self.tp else load_model_cached(config, self.dtype, self.device,
+                                                                                   build_cache)
         self.load_seconds = time.perf_counter() - t0
         self.model = loaded.module
         self.model_config = mc = loaded.config
@@ -95,23 +99,29 @@ class LLMEngine:
         # Token buckets of prefill/mixed-step graphs (the new step path only).
         self.mixed_buckets = default_mixed_buckets(config.max_num_batched_tokens) \
             if config.scheduling != "legacy" else ()
-        self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
+        self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager and self.tp is None
         self.pass_manager = default_pass_manager(extra=list(config.extra_passes),
                                                  disabled=list(config.disabled_passes), device=self.device.type)
+        if self.tp:
+            self.pass_manager = self.tp.pass_manager(self.pass_manager)
         self.tail_pass_manager = logits_tail_pass_manager()
         self.build_key = BuildKey.for_current_toolchain(
-            model_config=mc.to_dict(), weight_fingerprint=self.weight_fingerprint,
+            model_config={**mc.to_dict(), **(self.tp.key() if self.tp else {})},
+            weight_fingerprint=self.weight_fingerprint,
             passes=EnginePasses(self.pass_manager, self.tail_pass_manager).uuids(), buckets=self.decode_buckets,
             dtype=self.dtype, compile_mode=config.compile_mode, device=self.device)
         self.build_status: BuildStatus | None = open_build(config, self.build_key, build_cache)
         step_fn, self.compile_report = compile_model(self.model, mode=config.compile_mode, passes=self.pass_manager)
+        if self.tp:
+            step_fn = self.tp.wrap(self.model, step_fn)  # mirrors each step to the workers
         # The tail's rewritten graph is one fused_sample call: nothing for Inductor to generate, so
         # it runs as is in every mode (no compile time, no extra build artifacts).
         self.logits_tail, self.tail_report = compile_logits_tail("graph", self.tail_pass_manager)
         self.compile_seconds = 0.0
 
         block_size = config.block_size
-        per_block = kv_bytes_per_block(mc.num_layers, block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
+        kv_heads = self.tp.kv_heads(mc) if self.tp else mc.num_kv_heads  # this rank's
+        per_block = kv_bytes_per_block(mc.num_layers, block_size, kv_heads, mc.head_dim, self.dtype)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         elif self.device.type == "cuda":
@@ -128,8 +138,10 @@ class LLMEngine:
             num_blocks = num_blocks_for_cuda(self.device, config.gpu_memory_utilization, reserve, per_block)
         else:
             num_blocks = num_blocks_for_cpu(config.cpu_kv_cache_gib, per_block)
-        self.kv_caches = allocate_kv_cache(mc.num_layers, num_blocks, block_size, mc.num_kv_heads, mc.head_dim,
+        self.kv_caches = allocate_kv_cache(mc.num_layers, num_blocks, block_size, kv_heads, mc.head_dim,
                                            self.dtype, self.device)
+        if self.tp:
+            self.tp.setup(num_blocks)
         # A single sequence must always fit in the pool, or preemption could never make room.
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * block_size)
 
@@ -510,6 +522,11 @@ class LLMEngine:
             if seq.detokenizer is not None and seq.detokenizer.stop_hit is None:
                 seq.detokenizer.finish()
             self.scheduler.finish(seq, status)
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any (also done at exit); the engine steps no more."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     # ---------------------------------------------------------------- stats
     def get_stats(self) -> EngineStats:

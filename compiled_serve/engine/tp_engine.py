@@ -1,0 +1,184 @@
+"""Rank 0 of a tensor-parallel engine: starts the workers, and mirrors every step to them.
+
+The engine (scheduler, block manager, persistent batch, sampler) runs once, in the engine's own
+process, which is also rank 0. `TensorParallelDriver`:
+  - starts one worker process per rank > 0 (`python -m compiled_serve.engine.tp_worker`, the
+    EngineConfig as JSON on stdin), rendezvous through a FileStore in a private temp directory
+    (no TCP store), gloo (CPU) or NCCL (CUDA) pair sockets on loopback (GLOO_SOCKET_IFNAME /
+    NCCL_SOCKET_IFNAME default to "lo"). This traffic is unauthenticated: it is for one machine.
+  - loads rank 0's shards and adds TensorParallelPass to the engine's pass list;
+  - wraps the compiled step: before rank 0 runs it, the step's inputs are broadcast to the
+    workers (tp_protocol.py), who run the same step, so the collectives in the graph meet;
+  - replaces `compute_logits` with the sharded logits graph (vocabulary gather), after telling
+    the workers which hidden rows to join with;
+  - checks before every broadcast that every worker is alive. A dead worker (or a failed
+    collective) raises `TensorParallelWorkerError`; the engine is then failed for good.
+  - `shutdown()` (also at exit and when the engine is collected) stops and reaps every worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from compiled_serve.config import EngineConfig
+from compiled_serve.engine import tp_protocol as proto
+from compiled_serve.errors import CompiledServeError, InvalidParameterError
+from compiled_serve.kernels.forward_context import current_forward_context
+from compiled_serve.models.tp_layout import ShardingError, head_split
+
+logger = logging.getLogger("compiled_serve.engine")
+
+
+class TensorParallelWorkerError(CompiledServeError):
+    """A tensor-parallel worker died or a collective failed: the engine cannot step any more."""
+
+
+class TensorParallelDriver:
+    def __init__(self, config: EngineConfig, device: torch.device):
+        from compiled_serve.engine.tp_worker import init_group
+
+        self.config, self.size, self.device = config, config.tensor_parallel_size, device
+        if dist.is_initialized():
+            raise InvalidParameterError("tensor_parallel_size", "this process already has a torch.distributed "
+                                        "process group; a tensor-parallel engine needs its own process")
+        self._dir = tempfile.mkdtemp(prefix="compiled-serve-tp-")  # 0700: the rendezvous file lives here
+        store = os.path.join(self._dir, "store")
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+               "NCCL_SOCKET_IFNAME": os.environ.get("NCCL_SOCKET_IFNAME", "lo")}
+        if device.type == "cpu":  # ranks share the cores; each its share of threads
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.size)))
+        text = json.dumps(dataclasses.asdict(config))
+        self.workers: list[subprocess.Popen] = []
+        for rank in range(1, self.size):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "compiled_serve.engine.tp_worker", "--rank", str(rank),
+                 "--world-size", str(self.size), "--store", store], stdin=subprocess.PIPE, env=env)
+            assert proc.stdin is not None
+            proc.stdin.write(text.encode())
+            proc.stdin.close()
+            self.workers.append(proc)
+        self.failed: str | None = None
+        self._finalizer = weakref.finalize(self, _reap, self.workers, self._dir)
+        try:
+            init_group(0, self.size, store, device)
+        except Exception:
+            self.shutdown()
+            raise
+        logger.info("tensor parallel: %d ranks (%s), workers %s", self.size, dist.get_backend(),
+                    [p.pid for p in self.workers])
+
+    # ------------------------------------------------------------ set-up
+    def load_model(self, dtype: torch.dtype) -> Any:
+        from compiled_serve.models.loader import load_model
+
+        c = self.config
+        try:
+            return load_model(c.model, load_format=c.load_format, dtype=dtype, device=self.device, seed=c.seed,
+                              tokenizer=c.tokenizer, tp=(0, self.size))
+        except ShardingError as e:
+            self.shutdown()
+            raise InvalidParameterError("tensor_parallel_size", str(e)) from e
+        except Exception:
+            self.shutdown()
+            raise
+
+    def pass_manager(self, manager: Any) -> Any:
+        from compiled_serve.passes.tp_pipeline import with_tensor_parallel
+
+        return with_tensor_parallel(manager, 0, self.size)
+
+    def kv_heads(self, model_config: Any) -> int:
+        return head_split(model_config.num_heads, model_config.num_kv_heads, 0, self.size).num_kv_heads
+
+    def key(self) -> dict[str, int]:
+        """What the build key adds: a build is per TP size and rank."""
+        return {"tensor_parallel_size": self.size, "tensor_parallel_rank": 0}
+
+    def setup(self, num_blocks: int) -> None:
+        self._send([proto.SETUP, num_blocks])
+
+    def wrap(self, model: torch.nn.Module, step_fn: Callable) -> Callable:
+        """The step that mirrors itself to the workers; `model.compute_logits` becomes the sharded one."""
+        from compiled_serve.passes.tp_pipeline import compile_logits
+
+        logits_fn, self.logits_report = compile_logits(model, 0, self.size, mode=self.config.compile_mode)
+
+        def step(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            meta = current_forward_context()
+            tables = meta.block_tables
+            self._send([proto.STEP, input_ids.shape[0], meta.seq_lens.shape[0], tables.shape[1],
+                        meta.max_query_len, meta.max_seq_len],
+                       proto.pack_step(input_ids, positions, meta.slot_mapping, meta.seq_lens,
+                                       meta.query_start_loc, tables))
+            return step_fn(input_ids, positions)
+
+        def compute_logits(hidden: torch.Tensor) -> torch.Tensor:
+            rows = hidden.contiguous()
+            self._send([proto.LOGITS, rows.shape[0], rows.shape[1]], rows)
+            return self._guarded(logits_fn, rows)
+
+        model.compute_logits = compute_logits  # type: ignore[method-assign]
+        return lambda ids, pos: self._guarded(step, ids, pos)
+
+    # ------------------------------------------------------------ messages
+    def _send(self, header: list[int], payload: torch.Tensor | None = None) -> None:
+        self.check_alive()
+        self._guarded(proto.broadcast_header, header, self.device)
+        if payload is not None:
+            self._guarded(dist.broadcast, payload, 0)
+
+    def _guarded(self, fn: Callable, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except TensorParallelWorkerError:
+            raise
+        except (RuntimeError, dist.DistError) as e:  # a peer went away mid-collective
+            self.check_alive()
+            self.failed = f"a tensor-parallel collective failed: {e}"
+            raise TensorParallelWorkerError(self.failed) from e
+
+    def check_alive(self) -> None:
+        if self.failed is None:
+            for rank, proc in enumerate(self.workers, start=1):
+                code = proc.poll()
+                if code is not None:
+                    self.failed = f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code {code}"
+                    break
+        if self.failed is not None:
+            raise TensorParallelWorkerError(self.failed + "; the engine must be restarted")
+
+    def shutdown(self) -> None:
+        """Stops every worker (STOP if they can still hear it, then a kill) and leaves nothing behind."""
+        if self.failed is None and all(p.poll() is None for p in self.workers) and dist.is_initialized():
+            try:
+                proto.broadcast_header([proto.STOP], self.device)
+                for proc in self.workers:
+                    proc.wait(timeout=10)
+            except Exception:  # noqa: BLE001  (a worker died or hung meanwhile: the kill below reaps it)
+                pass
+        self.failed = self.failed or "the engine was shut down"
+        self._finalizer()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _reap(workers: list[subprocess.Popen], directory: str) -> None:
+    """Kills what is still running and waits for it (no zombies); removes the rendezvous dir."""
+    for proc in workers:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    shutil.rmtree(directory, ignore_errors=True)

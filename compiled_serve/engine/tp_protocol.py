@@ -1,0 +1,54 @@
+"""What rank 0 tells the tensor-parallel workers, as torch.distributed broadcasts (never pickle).
+
+Every message is a fixed int64 header [op, a, b, c, d, e] broadcast from rank 0, then, for some
+ops, one payload tensor whose shape the header gives:
+
+  SETUP   [SETUP, num_blocks]                                  the KV-cache size rank 0 chose
+  STEP    [STEP, T, S, W, max_query_len, max_seq_len]          then int64 [3T + 2S + 1 + S*W]:
+          input_ids [T] | positions [T] | slot_mapping [T] | seq_lens [S] | query_start_loc [S+1]
+          | block_tables [S, W]
+  LOGITS  [LOGITS, n, hidden]                                  then the n hidden rows [n, hidden]
+          rank 0 samples from (the hidden state is the same on every rank after the all-reduce)
+  STOP    [STOP]                                               the workers exit
+
+Nothing comes back: every rank runs the step and joins the collectives inside the compiled graph;
+rank 0 alone samples, so the sampled ids never leave it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SETUP, STEP, LOGITS, STOP = 1, 2, 3, 4
+HEADER_LEN = 6
+
+
+def broadcast_header(values: list[int], device: torch.device) -> None:
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
+    header[: len(values)] = torch.tensor(values, dtype=torch.int64)
+    dist.broadcast(header, src=0)
+
+
+def receive_header(device: torch.device) -> list[int]:
+    header = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
+    dist.broadcast(header, src=0)
+    return header.tolist()
+
+
+def pack_step(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
+              query_start_loc: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).to(torch.int64) for t in (ids, positions, slots, seq_lens, query_start_loc,
+                                                               block_tables)])
+
+
+def unpack_step(payload: torch.Tensor, num_tokens: int, num_seqs: int, width: int) -> dict[str, torch.Tensor]:
+    t, s = num_tokens, num_seqs
+    sizes = [t, t, t, s, s + 1, s * width]
+    ids, pos, slots, lens, qsl, tables = payload.split(sizes)
+    return {"input_ids": ids, "positions": pos, "slot_mapping": slots, "seq_lens": lens.to(torch.int32),
+            "query_start_loc": qsl.to(torch.int32), "block_tables": tables.view(s, width).to(torch.int32)}
+
+
+def step_payload_len(num_tokens: int, num_seqs: int, width: int) -> int:
+    return 3 * num_tokens + 2 * num_seqs + 1 + num_seqs * width

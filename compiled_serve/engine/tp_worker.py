@@ -1,0 +1,142 @@
+"""A tensor-parallel worker: one process per rank > 0, started by rank 0 (engine/tp_engine.py).
+
+    python -m compiled_serve.engine.tp_worker --rank R --world-size N --store PATH   < config.json
+
+It reads the EngineConfig as JSON on stdin (never pickle), joins the process group through the
+FileStore at PATH, loads only its shards, compiles the same sharded step as rank 0, and then
+mirrors rank 0's steps (tp_protocol.py) until STOP. It dies with its parent (PR_SET_PDEATHSIG,
+and a watchdog on the parent pid), so a crashed engine leaves no worker behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("compiled_serve.engine")
+
+#: How long a collective may wait for a peer before it fails (a hung rank is an error, not a hang).
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+
+
+def die_with_parent() -> None:
+    parent = os.getppid()
+    try:  # Linux: the kernel kills us when the parent exits
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="tp-parent-watch").start()
+
+
+def init_group(rank: int, world_size: int, store_path: str, device: torch.device) -> None:
+    # gloo's pair sockets on loopback unless the operator named an interface (no TCP store at all:
+    # the rendezvous is a file in a private directory).
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.FileStore(store_path, world_size), rank=rank,
+                            world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    # Every rank's connections complete before any rank goes on (and may fail, e.g. loading):
+    # a rank that left mid-handshake would fail the others' rendezvous with a confusing error.
+    dist.barrier()
+
+
+def config_from_json(text: str):  # -> EngineConfig
+    from compiled_serve.config import EngineConfig
+
+    raw = json.loads(text)
+    for name in ("extra_passes", "disabled_passes", "cuda_graph_buckets"):
+        if isinstance(raw.get(name), list):
+            raw[name] = tuple(raw[name])
+    return EngineConfig(**raw)
+
+
+@torch.inference_mode()
+def serve_rank(rank: int, world_size: int, store_path: str, config) -> None:
+    from compiled_serve.engine import tp_protocol as proto
+    from compiled_serve.engine.device import resolve_device, resolve_dtype
+    from compiled_serve.engine.kv_cache import allocate_kv_cache
+    from compiled_serve.kernels.forward_context import AttentionMetadata, forward_context
+    from compiled_serve.models.loader import load_model
+    from compiled_serve.models.tp_layout import head_split
+    from compiled_serve.passes.pipeline import compile_model
+    from compiled_serve.passes.registry import default_pass_manager
+    from compiled_serve.passes.tp_pipeline import compile_logits, with_tensor_parallel
+
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dtype = resolve_dtype(config.dtype, device)
+    init_group(rank, world_size, store_path, device)
+    loaded = load_model(config.model, load_format=config.load_format, dtype=dtype, device=device,
+                        seed=config.seed, tp=(rank, world_size))
+    mc = loaded.config
+    manager = with_tensor_parallel(default_pass_manager(extra=list(config.extra_passes),
+                                                        disabled=list(config.disabled_passes),
+                                                        device=device.type), rank, world_size)
+    step_fn, _ = compile_model(loaded.module, mode=config.compile_mode, passes=manager)
+    logits_fn, _ = compile_logits(loaded.module, rank, world_size, mode=config.compile_mode)
+    kv_heads = head_split(mc.num_heads, mc.num_kv_heads, rank, world_size).num_kv_heads
+    caches: list[torch.Tensor] = []
+    host_lists = device.type != "cuda"
+    while True:
+        op, a, b, c, d, e = proto.receive_header(device)
+        if op == proto.STOP:
+            return
+        if op == proto.SETUP:
+            caches = allocate_kv_cache(mc.num_layers, a, config.block_size, kv_heads, mc.head_dim, dtype, device)
+        elif op == proto.STEP:
+            payload = torch.empty(proto.step_payload_len(a, b, c), dtype=torch.int64, device=device)
+            dist.broadcast(payload, src=0)
+            t = proto.unpack_step(payload, a, b, c)
+            meta = AttentionMetadata(
+                slot_mapping=t["slot_mapping"], block_tables=t["block_tables"], seq_lens=t["seq_lens"],
+                query_start_loc=t["query_start_loc"], max_query_len=d, max_seq_len=e, kv_caches=caches,
+                seq_lens_host=t["seq_lens"].tolist() if host_lists else None,
+                query_start_loc_host=t["query_start_loc"].tolist() if host_lists else None)
+            with forward_context(meta):
+                step_fn(t["input_ids"].clone(), t["positions"].clone())
+        elif op == proto.LOGITS:
+            rows = torch.empty((a, b), dtype=dtype, device=device)
+            dist.broadcast(rows, src=0)
+            logits_fn(rows)  # joins the vocabulary gather; rank 0 samples
+        else:
+            raise RuntimeError(f"tensor-parallel worker {rank}: unknown op {op}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="compiled_serve.engine.tp_worker")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--store", required=True)
+    args = parser.parse_args(argv)
+    die_with_parent()
+    logging.basicConfig(level=logging.WARNING, format=f"[tp rank {args.rank}] %(levelname)s %(message)s")
+    config = config_from_json(sys.stdin.read())
+    try:
+        serve_rank(args.rank, args.world_size, args.store, config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
