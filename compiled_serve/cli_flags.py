@@ -42,6 +42,8 @@ HELP: dict[str, str] = {
     "max_num_batched_tokens": "token budget of one step: prefill chunks plus decodes",
     "max_model_len": "longest prompt plus output, in tokens; none: the model's context length "
                      "(capped by what the KV cache holds)",
+    "tensor_parallel_size": "ranks the model is sharded over (one process each; gloo on CPU, NCCL on CUDA, on "
+                            "loopback): heads and sizes must divide by it",
     "max_logprobs": "largest logprobs / top_logprobs a request may ask for",
     "max_n": "largest n (samples per prompt) a request may ask for",
     "compile_mode": "inductor: compile the rewritten graph (slow start, fast steps); graph: run it as "
