@@ -113,7 +113,8 @@ def _restore(cache: BuildCache, key: BuildKey, dtype: torch.dtype, device: torch
         fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
         model_config = ModelConfig(**fields)
         module = build_empty_module(model_config, dtype, device)
-        module.load_state_dict(load_safetensors(bytes(build.artifacts[WEIGHTS])), strict=True)
+        # assign: the module keeps the loaded tensors (no second 0.5 GiB copy); requires_grad stays off.
+        module.load_state_dict(load_safetensors(build.artifacts[WEIGHTS]), strict=True, assign=True)
         tokenizer = _load_tokenizer(build.artifacts, meta["chat_template"])
     except Exception as exc:  # a layout our code no longer builds: load the file instead
         logger.warning("cached model snapshot %s does not fit this code (%s); loading the file",

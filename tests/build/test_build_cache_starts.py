@@ -211,6 +211,8 @@ def test_a_gguf_model_comes_back_from_the_cache_equal_to_the_file(tmp_path: Path
     ours, theirs = second.module.state_dict(), reference.module.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert torch.equal(second.module.model.rotary_emb.inv_freq, reference.module.model.rotary_emb.inv_freq)
+    assert not second.module.training and not any(p.requires_grad for p in second.module.parameters())
+    assert all(isinstance(p, torch.nn.Parameter) for p in second.module.parameters())
 
     os.utime(path, ns=(0, 0))  # the file changed (its mtime): another key, a miss
     assert snapshot_key(config, torch.float32, torch.device("cpu")) != key

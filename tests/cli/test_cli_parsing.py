@@ -66,3 +66,21 @@ def test_help_imports_neither_torch_nor_fastapi() -> None:
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
     assert "--shutdown-timeout" in result.stdout
+
+
+def test_compile_and_serve_name_the_build_directory_with_one_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--build-dir", "b"]).build_dir == "b"
+    assert parser.parse_args(["compile", "--build-dir", "b"]).build_dir == "b"
+    assert parser.parse_args(["compile", "--out", "old"]).build_dir == "old"  # the deprecated spelling works
+    assert "--out is deprecated" in capsys.readouterr().err.replace("`compile --out` is", "--out is")
+    assert "--out" not in parser._subparsers._group_actions[0].choices["compile"].format_help()
+
+
+def test_build_cache_flags_reach_the_engine_config() -> None:
+    from compiled_serve.cli import _engine_config
+
+    on = _engine_config(build_parser().parse_args(["serve"]))
+    off = _engine_config(build_parser().parse_args(["chat", "--no-build-cache", "--build-cache-gib", "0.5"]))
+    assert (on.build_cache, on.build_cache_gib) == (True, 4.0)
+    assert (off.build_cache, off.build_cache_gib) == (False, 0.5)
