@@ -90,7 +90,7 @@ class ResponseEvents:
                                          output_index=self._index, delta=call.arguments))
         return events
 
-    def _close(self) -> list[str]:
+    def _close(self, status: str = "completed") -> list[str]:
         item, self._open = self._open, None
         if item is None:
             return []
@@ -106,13 +106,14 @@ class ResponseEvents:
                                      text=part["text"], **extra))
             events.append(self.event("response.content_part.done", item_id=item["id"], output_index=index,
                                      content_index=0, part=part))
-        item["status"] = "completed"
+        item["status"] = status
         self.response["output"].append(item)
         events.append(self.event("response.output_item.done", output_index=index, item=item))
         return events
 
     def finish(self, incomplete: bool, usage: dict[str, Any]) -> list[str]:
-        events = self._close()
+        """`incomplete`: max_output_tokens cut the output, and with it the item being written."""
+        events = self._close("incomplete" if incomplete else "completed")
         self.response.update(status="incomplete" if incomplete else "completed", usage=usage,
                              incomplete_details={"reason": "max_output_tokens"} if incomplete else None)
         events.append(self.event("response.incomplete" if incomplete else "response.completed",

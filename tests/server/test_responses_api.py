@@ -148,3 +148,27 @@ def test_forced_function_call_streams_as_function_call_arguments(client: openai.
     assert streamed == done.arguments == calls[0].arguments
     assert events[-1].type == "response.completed"
     assert events[-1].response.output[0].type == "function_call"
+
+
+def test_a_function_call_cut_by_max_output_tokens_is_the_same_streamed_and_not(client: openai.OpenAI) -> None:
+    """The cut call stays a function_call item (status incomplete), its arguments a prefix of the
+    uncut call's, streamed as argument deltas that join into the non-streamed item."""
+    kwargs = {"model": MODEL, "input": "Weather in Paris?", "tools": [WEATHER], "tool_choice": "required",
+              "parallel_tool_calls": False, "temperature": 0}  # one call
+    full = client.responses.create(max_output_tokens=128, **kwargs)
+    assert full.status == "completed" and full.output[0].type == "function_call"
+    full_arguments = full.output[0].arguments
+    cut = client.responses.create(max_output_tokens=full.usage.output_tokens - 6, **kwargs)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert [item.type for item in cut.output] == ["function_call"], cut.output
+    call = cut.output[0]
+    assert call.name == "get_weather" and call.status == "incomplete"
+    assert full_arguments.startswith(call.arguments) and 0 < len(call.arguments) < len(full_arguments)
+    events = list(client.responses.create(stream=True, max_output_tokens=full.usage.output_tokens - 6, **kwargs))
+    assert "response.output_text.delta" not in [e.type for e in events]
+    streamed = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert streamed == call.arguments
+    assert events[-1].type == "response.incomplete"
+    final = events[-1].response.output
+    assert [(i.type, i.name, i.arguments, i.status) for i in final] == \
+        [("function_call", "get_weather", call.arguments, "incomplete")]
