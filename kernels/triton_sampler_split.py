@@ -14,9 +14,10 @@ vocabulary. For launches without penalties this path spreads every row over C ch
 3. `_merge_chunks_kernel` [rows]: online-softmax merge of (max, sum) for the logprob; the first
    chunk holding the best greedy value / race score gives the token, so ties go to the lowest
    token index, exactly as the per-row kernel's tile loop.
-4. `_row_kernel_where_needed` [rows]: sampled rows with top-k or top-p need the per-row kernel's
-   threshold searches; it runs for them alone (the other programs exit), and the split kernels
-   skip those rows. Which rows go where is read on the device: no host sync, one set of launches.
+Between 1 and 2, sampled rows with top-k or top-p get their thresholds from the chunked search
+of kernels/triton_sampler_topk.py, and the race keeps only tokens with key >= the row's
+threshold (INT32_MIN, keep all, on the other rows). Which rows search is read on the device:
+no host sync, a fixed set of launches.
 
 Why two passes over the logits and not one log-space race (compare `s - log E`, min-p as
 `s - s_max >= log(min_p)`): a chunk cannot apply min-p before the row max is known (its best
@@ -33,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from compiled_serve.kernels.triton_sampler import _SPLITS, _fused_sample_kernel, _scaled_tile
+from compiled_serve.kernels.triton_sampler import _scaled_tile
+from compiled_serve.kernels.triton_sampler_topk import SEARCH_BLOCK, _row_kind, search_thresholds
 
 # Partials per (row, chunk), fp32 [rows, C, 3]; constexpr globals, as @jit functions require.
 _ROW_MAX = tl.constexpr(0)  # max of the raw (= unpenalised) logits, -inf when all are
@@ -43,6 +45,7 @@ _STATS = tl.constexpr(3)
 _FINITE_FLOOR = tl.constexpr(-1.0e30)  # the per-row kernel's start for the logsumexp max
 MAX_CHUNKS = 64  # a power of two: the lanes the race and merge read partials with
 TARGET_PROGRAMS = 528  # 4 waves of 132 SMs (H100 / H200)
+SEARCH_PROGRAMS = 4 * TARGET_PROGRAMS  # the threshold search: 16 candidates an element
 
 
 def split_chunks(
@@ -55,17 +58,6 @@ def split_chunks(
     wanted = min(MAX_CHUNKS, triton.next_power_of_2(max(1, target_programs // num_rows)))
     tiles = triton.cdiv(triton.cdiv(vocab, wanted), block)
     return triton.cdiv(vocab, tiles * block), tiles
-
-
-@triton.jit
-def _row_kind(row, temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr, vocab):
-    """(sampled, temperature, searched): the row draws a token (else greedy); the temperature
-    to divide by (1 on greedy rows); the row needs top-k / top-p, i.e. the per-row kernel."""
-    temperature = tl.load(temperature_ptr + row)
-    sampled = (tl.load(greedy_ptr + row) == 0) & (temperature > 0.0)
-    top_k = tl.load(top_k_ptr + row)
-    searched = sampled & (((top_k > 0) & (top_k < vocab)) | (tl.load(top_p_ptr + row) < 1.0))
-    return sampled, tl.where(sampled, temperature, 1.0), searched
 
 
 @triton.jit
@@ -99,31 +91,30 @@ def _chunk_stats_kernel(
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     part = row * tl.num_programs(1) + tl.program_id(1)
-    sampled, temperature, searched = _row_kind(row, temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr, vocab)
-    if searched == 0:
-        chunk_start = tl.program_id(1) * tiles_per_chunk * BLOCK
-        row_max = tl.full([], float("-inf"), tl.float32)
-        arg = tl.zeros([], tl.int32)
-        exp_max = tl.full([], _FINITE_FLOOR, tl.float32)  # finite: no -inf - -inf on all -inf tiles
-        sum_exp = tl.zeros([], tl.float32)
-        scaled_max = tl.full([], float("-inf"), tl.float32)
-        for tile in range(0, tiles_per_chunk):
-            start = chunk_start + tile * BLOCK
-            idx, valid, x, s, key = _scaled_tile(
-                logits_ptr + row * stride_row, start, vocab, temperature, BLOCK
-            )
-            tile_max = tl.max(x, 0)
-            # Strictly greater, else the earlier tile keeps it: the first maximum wins.
-            arg = tl.where((tile_max > row_max) | (tile == 0), tl.argmax(x, 0).to(tl.int32) + start, arg)
-            row_max = tl.maximum(row_max, tile_max)
-            rescaled = tl.maximum(exp_max, tile_max)
-            sum_exp = sum_exp * tl.exp(exp_max - rescaled) + tl.sum(tl.exp(x - rescaled), 0)
-            exp_max = rescaled
-            scaled_max = tl.maximum(scaled_max, tl.max(s, 0))
-        tl.store(stats_ptr + part * _STATS + _ROW_MAX, row_max)
-        tl.store(stats_ptr + part * _STATS + _SUM_EXP, sum_exp)
-        tl.store(stats_ptr + part * _STATS + _SCALED_MAX, scaled_max)
-        tl.store(greedy_arg_ptr + part, arg)
+    _, temperature, _ = _row_kind(row, temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr, vocab)
+    chunk_start = tl.program_id(1) * tiles_per_chunk * BLOCK
+    row_max = tl.full([], float("-inf"), tl.float32)
+    arg = tl.zeros([], tl.int32)
+    exp_max = tl.full([], _FINITE_FLOOR, tl.float32)  # finite: no -inf - -inf on all -inf tiles
+    sum_exp = tl.zeros([], tl.float32)
+    scaled_max = tl.full([], float("-inf"), tl.float32)
+    for tile in range(0, tiles_per_chunk):
+        start = chunk_start + tile * BLOCK
+        idx, valid, x, s, key = _scaled_tile(
+            logits_ptr + row * stride_row, start, vocab, temperature, BLOCK
+        )
+        tile_max = tl.max(x, 0)
+        # Strictly greater, else the earlier tile keeps it: the first maximum wins.
+        arg = tl.where((tile_max > row_max) | (tile == 0), tl.argmax(x, 0).to(tl.int32) + start, arg)
+        row_max = tl.maximum(row_max, tile_max)
+        rescaled = tl.maximum(exp_max, tile_max)
+        sum_exp = sum_exp * tl.exp(exp_max - rescaled) + tl.sum(tl.exp(x - rescaled), 0)
+        exp_max = rescaled
+        scaled_max = tl.maximum(scaled_max, tl.max(s, 0))
+    tl.store(stats_ptr + part * _STATS + _ROW_MAX, row_max)
+    tl.store(stats_ptr + part * _STATS + _SUM_EXP, sum_exp)
+    tl.store(stats_ptr + part * _STATS + _SCALED_MAX, scaled_max)
+    tl.store(greedy_arg_ptr + part, arg)
 
 
 @triton.jit(do_not_specialize=["tiles_per_chunk"], do_not_specialize_on_alignment=_SETTINGS)
@@ -131,6 +122,7 @@ def _chunk_race_kernel(
     race_best_ptr,  # [N, C] float32, the chunk's best score (-1: nothing kept)
     race_arg_ptr,  # [N, C] int32, its first token with that score
     stats_ptr,  # [N, C, _STATS] float32 from _chunk_stats_kernel
+    threshold_ptr,  # [N] int64 from search_thresholds: keep tokens with key >= threshold
     logits_ptr,  # [N, V]
     temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr,  # [N] float32, int8, int32, float32 (_row_kind)
     min_p_ptr,  # [N] float32
@@ -141,8 +133,8 @@ def _chunk_race_kernel(
     row = tl.program_id(0).to(tl.int64)
     num_chunks = tl.num_programs(1)
     part = row * num_chunks + tl.program_id(1)
-    sampled, temperature, searched = _row_kind(row, temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr, vocab)
-    if sampled & (searched == 0):
+    sampled, temperature, _ = _row_kind(row, temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr, vocab)
+    if sampled:
         chunks = tl.arange(0, CHUNK_SLOTS)
         scaled_maxima = tl.load(
             stats_ptr + (row * num_chunks + chunks) * _STATS + _SCALED_MAX, mask=chunks < num_chunks,
@@ -150,6 +142,7 @@ def _chunk_race_kernel(
         )  # fmt: skip
         s_max = tl.max(scaled_maxima, 0)  # the row's, as the per-row kernel's pass 1 finds it
         min_p = tl.load(min_p_ptr + row)
+        threshold = tl.load(threshold_ptr + row)
         seed = tl.load(seed_ptr + row)
         offset = tl.load(offset_ptr + row)
         chunk_start = tl.program_id(1) * tiles_per_chunk * BLOCK
@@ -162,7 +155,7 @@ def _chunk_race_kernel(
             )
             weight = tl.exp(s - s_max)  # [BLOCK] unnormalised probs
             noise = -tl.log(_philox_uniform(idx, seed, offset))  # [BLOCK] Exp(1)
-            score = tl.where(valid & (weight >= min_p), weight / noise, -1.0)
+            score = tl.where(valid & (key >= threshold) & (weight >= min_p), weight / noise, -1.0)
             tile_best = tl.max(score, 0)
             winner = tl.where(tile_best > best, tl.argmax(score, 0).to(tl.int32) + start, winner)
             best = tl.maximum(best, tile_best)
@@ -183,42 +176,24 @@ def _merge_chunks_kernel(
     vocab, stride_row, num_chunks, CHUNK_SLOTS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    sampled, temperature, searched = _row_kind(row, temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr, vocab)
-    if searched == 0:
-        chunks = tl.arange(0, CHUNK_SLOTS)
-        live = chunks < num_chunks
-        part = row * num_chunks + chunks  # [CHUNK_SLOTS], live where < num_chunks
-        row_max = tl.load(stats_ptr + part * _STATS + _ROW_MAX, mask=live, other=float("-inf"))
-        sum_exp = tl.load(stats_ptr + part * _STATS + _SUM_EXP, mask=live, other=0.0)
-        exp_max = tl.maximum(row_max, _FINITE_FLOOR)  # what each chunk's sum is relative to
-        top = tl.max(exp_max, 0)
-        total = tl.sum(sum_exp * tl.exp(exp_max - top), 0)
-        # argmax takes the first chunk on ties, and each chunk its first token: the first maximum.
-        token = tl.load(greedy_arg_ptr + row * num_chunks + tl.argmax(row_max, 0))
-        # Greedy rows have no race partials (-1 everywhere: nothing kept).
-        race_best = tl.where(sampled, tl.load(race_best_ptr + part, mask=live, other=-1.0), -1.0)
-        race_token = tl.load(race_arg_ptr + row * num_chunks + tl.argmax(race_best, 0))
-        token = tl.where(tl.max(race_best, 0) > -1.0, race_token, token)  # nothing kept: greedy
-        x_token = tl.load(logits_ptr + row * stride_row + token).to(tl.float32)  # raw: unpenalised
-        tl.store(token_ptr + row, token.to(tl.int64))
-        tl.store(logprob_ptr + row, (x_token - top) - tl.log(total))
-
-
-@triton.jit(do_not_specialize_on_alignment=_SETTINGS)
-def _row_kernel_where_needed(
-    token_ptr, logprob_ptr, logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr,
-    offset_ptr, greedy_ptr, vocab, stride_row, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-):  # fmt: skip
-    """The per-row kernel, without penalties, on the rows that need top-k or top-p."""
-    row = tl.program_id(0).to(tl.int64)
-    _, _, searched = _row_kind(row, temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr, vocab)
-    if searched:
-        # Unused penalty pointers get real tensors it never reads, as in fused_sample_triton.
-        _fused_sample_kernel(
-            token_ptr, logprob_ptr, logits_ptr, logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
-            seed_ptr, offset_ptr, greedy_ptr, temperature_ptr, logits_ptr, temperature_ptr, temperature_ptr,
-            logits_ptr, vocab, stride_row, stride_row, stride_row, stride_row, False, False, BLOCK, SPLITS,
-        )  # fmt: skip
+    sampled, temperature, _ = _row_kind(row, temperature_ptr, greedy_ptr, top_k_ptr, top_p_ptr, vocab)
+    chunks = tl.arange(0, CHUNK_SLOTS)
+    live = chunks < num_chunks
+    part = row * num_chunks + chunks  # [CHUNK_SLOTS], live where < num_chunks
+    row_max = tl.load(stats_ptr + part * _STATS + _ROW_MAX, mask=live, other=float("-inf"))
+    sum_exp = tl.load(stats_ptr + part * _STATS + _SUM_EXP, mask=live, other=0.0)
+    exp_max = tl.maximum(row_max, _FINITE_FLOOR)  # what each chunk's sum is relative to
+    top = tl.max(exp_max, 0)
+    total = tl.sum(sum_exp * tl.exp(exp_max - top), 0)
+    # argmax takes the first chunk on ties, and each chunk its first token: the first maximum.
+    token = tl.load(greedy_arg_ptr + row * num_chunks + tl.argmax(row_max, 0))
+    # Greedy rows have no race partials (-1 everywhere: nothing kept).
+    race_best = tl.where(sampled, tl.load(race_best_ptr + part, mask=live, other=-1.0), -1.0)
+    race_token = tl.load(race_arg_ptr + row * num_chunks + tl.argmax(race_best, 0))
+    token = tl.where(tl.max(race_best, 0) > -1.0, race_token, token)  # nothing kept: greedy
+    x_token = tl.load(logits_ptr + row * stride_row + token).to(tl.float32)  # raw: unpenalised
+    tl.store(token_ptr + row, token.to(tl.int64))
+    tl.store(logprob_ptr + row, (x_token - top) - tl.log(total))
 
 
 def fused_sample_split_rows(
@@ -228,8 +203,9 @@ def fused_sample_split_rows(
     *settings: torch.Tensor,  # temperature, top_k, top_p, min_p, seeds, offsets, greedy [N] each
     block: int,
     target_programs: int = TARGET_PROGRAMS,
+    search_programs: int = SEARCH_PROGRAMS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fused_sample` without penalties: four launches, no host syncs (CUDA-graph safe)."""
+    """`fused_sample` without penalties: a fixed set of launches, no host syncs (CUDA-graph safe)."""
     temperature, top_k, top_p, min_p, seeds, offsets, greedy = settings
     num_rows, vocab = logits.shape
     num_chunks, tiles_per_chunk = split_chunks(num_rows, vocab, block, target_programs)
@@ -245,16 +221,16 @@ def fused_sample_split_rows(
     _chunk_stats_kernel[chunk_grid](
         stats, greedy_arg, logits, *row_kind, vocab, stride_row, tiles_per_chunk, BLOCK=block
     )  # fmt: skip
+    search_grid = split_chunks(num_rows, vocab, SEARCH_BLOCK, search_programs)
+    threshold = search_thresholds(
+        stats, logits, row_kind, *search_grid, (_STATS.value, _SCALED_MAX.value), MAX_CHUNKS
+    )  # fmt: skip
     _chunk_race_kernel[chunk_grid](
-        race_best, race_arg, stats, logits, *row_kind, min_p, seeds, offsets, vocab, stride_row,
+        race_best, race_arg, stats, threshold, logits, *row_kind, min_p, seeds, offsets, vocab, stride_row,
         tiles_per_chunk, BLOCK=block, CHUNK_SLOTS=MAX_CHUNKS,
     )  # fmt: skip
     _merge_chunks_kernel[(num_rows,)](
         token_ids, logprobs, stats, greedy_arg, race_best, race_arg, logits, *row_kind, vocab, stride_row,
         num_chunks, CHUNK_SLOTS=MAX_CHUNKS, num_warps=1,
-    )  # fmt: skip
-    _row_kernel_where_needed[(num_rows,)](
-        token_ids, logprobs, logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy, vocab,
-        stride_row, BLOCK=block, SPLITS=_SPLITS, num_warps=8 if block >= 2048 else 4,
     )  # fmt: skip
     return token_ids, logprobs

@@ -113,9 +113,9 @@ def test_min_p_bites_on_flat_rows(triton_device: str) -> None:
     _assert_matches(logits, settings, block=64, target=48)
 
 
-def test_mixed_batch_sends_top_k_and_top_p_rows_to_the_row_kernel(triton_device: str) -> None:
+def test_mixed_batch_searches_top_k_and_top_p_rows_on_the_device(triton_device: str) -> None:
     """Random settings: greedy rows (some with top-k set), temperature / min-p rows, top-k and
-    top-p rows; the production dispatch picks the path per row on the device."""
+    top-p rows; which rows run the chunked threshold search is read on the device."""
     rows, vocab = 8, 1500
     logits = _random_logits(rows, vocab, seed=33).to(triton_device)
     settings = _random_settings(rows, vocab, seed=33, device=triton_device)
@@ -124,6 +124,62 @@ def test_mixed_batch_sends_top_k_and_top_p_rows_to_the_row_kernel(triton_device:
     assert 0 < int(searched.sum()) < rows  # both paths are exercised
     assert bool((greedy & (top_k > 0)).any())  # a greedy row with top-k stays on the split path
     _assert_matches(logits, settings, block=128)
+
+
+def _search_settings(top_k: list[int], top_p: list[float], min_p: list[float], temperature: float,
+                     device: str) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    rows = len(top_k)
+    settings = list(_uniform_settings(rows, temperature, 0.0, False, device))
+    settings[1] = torch.tensor(top_k, dtype=torch.int32, device=device)
+    settings[2] = torch.tensor(top_p, dtype=torch.float32, device=device)
+    settings[3] = torch.tensor(min_p, dtype=torch.float32, device=device)
+    return tuple(settings)
+
+
+def test_top_k_and_top_p_rows_over_many_chunks_draw_the_reference_tokens(triton_device: str) -> None:
+    """Each filter alone and stacked, on rows spread over 20 search chunks and 40 race chunks:
+    the chunked threshold search must give the per-row kernel's thresholds, so the same draws."""
+    from compiled_serve.kernels.triton_sampler_split import SEARCH_BLOCK, SEARCH_PROGRAMS, split_chunks
+
+    vocab = 5000
+    top_k = [1, 7, 0, 0, 50, 4999, 0, 3]
+    top_p = [1.0, 1.0, 0.5, 0.9, 0.8, 1.0, 0.999, 0.6]
+    min_p = [0.0, 0.0, 0.0, 0.0, 0.05, 0.0, 0.0, 0.1]
+    assert split_chunks(len(top_k), vocab, SEARCH_BLOCK, SEARCH_PROGRAMS)[0] > 10  # a many-chunk search
+    logits = _random_logits(len(top_k), vocab, seed=40).to(triton_device)
+    for draw in range(2):  # other seeds: other race winners inside the same kept sets
+        settings = _search_settings(top_k, top_p, min_p, 0.8, triton_device)
+        settings = settings[:4] + (settings[4] + draw * 104729,) + settings[5:]
+        _assert_matches(logits, settings, block=64, target=32)
+
+
+def test_top_k_ties_at_the_boundary_are_all_kept(triton_device: str) -> None:
+    """The k-th largest value repeated across chunks: every copy is kept (key >= threshold), as
+    in the per-row kernel, so draws land on all of them over many seeds."""
+    vocab, rows = 1200, 16
+    logits = torch.full((rows, vocab), -5.0)
+    logits[:, 10] = 4.0  # the largest
+    tied = [150, 600, 601, 1199]  # the 2nd..5th largest are equal, in three chunks
+    logits[:, tied] = 3.5
+    logits = logits.to(triton_device)
+    settings = _search_settings([3] * rows, [1.0] * rows, [0.0] * rows, 1.0, triton_device)
+    settings = settings[:4] + (torch.arange(rows, device=triton_device) * 7919 + 11,) + settings[5:]
+    (ids, logprobs), (row_ids, _) = _both_kernels(logits, settings, block=64, target=32)
+    assert torch.equal(ids, row_ids)
+    assert set(ids.tolist()) <= {10, *tied}
+    assert len(set(ids.tolist()) & set(tied)) >= 2  # the ties are all in the kept set
+    _check_rows(logits, settings, ids, logprobs)
+
+
+def test_top_p_keeps_only_the_dominant_token(triton_device: str) -> None:
+    """One token holds ~99% of the mass: top_p 0.5 keeps it alone, whatever the seed."""
+    vocab, rows = 3000, 6
+    logits = _random_logits(rows, vocab, seed=41)
+    logits[:, 2345] = 40.0
+    settings = _search_settings([0] * rows, [0.5] * rows, [0.0] * rows, 1.0, triton_device)
+    settings = settings[:4] + (torch.arange(rows, device=triton_device) * 31 + 5,) + settings[5:]
+    ids = _assert_matches(logits.to(triton_device), settings, block=128, target=16)
+    assert ids.tolist() == [2345] * rows
 
 
 @pytest.mark.parametrize("greedy", [True, False])
@@ -160,8 +216,10 @@ def test_gpu_split_path_replays_in_a_graph_without_syncs_or_new_compiles(cuda_de
     from compiled_serve.kernels.triton_sampler import fused_sample_triton
 
     vocab = 151936
+    from compiled_serve.kernels import triton_sampler_topk as topk
+
     kernels = (split._chunk_stats_kernel, split._chunk_race_kernel, split._merge_chunks_kernel,
-               split._row_kernel_where_needed)  # fmt: skip
+               topk._threshold_pass_kernel)  # fmt: skip
 
     def compiled_variants() -> int:
         return sum(len(k.device_caches[torch.cuda.current_device()][0]) for k in kernels)
@@ -199,30 +257,35 @@ def test_gpu_split_path_replays_in_a_graph_without_syncs_or_new_compiles(cuda_de
 # ---------------------------------------------------------------------------------------------
 # CPU: the real compiler (not the interpreter) accepts the kernels, for sm_90, down to a cubin.
 
-_INT_ARGS = {"vocab", "stride_row", "tiles_per_chunk", "num_chunks"}
+_INT_ARGS = {"vocab", "stride_row", "tiles_per_chunk", "num_chunks", "num_rows", "stats_chunks", "pass_index"}
 _POINTER_TYPES = {"seed_ptr": "*i64", "offset_ptr": "*i64", "token_ptr": "*i64", "greedy_ptr": "*i8",
-                  "top_k_ptr": "*i32", "greedy_arg_ptr": "*i32", "race_arg_ptr": "*i32", "logits_ptr": "*bf16"}  # fmt: skip
+                  "top_k_ptr": "*i32", "greedy_arg_ptr": "*i32", "race_arg_ptr": "*i32", "logits_ptr": "*bf16",
+                  "threshold_ptr": "*i64", "bounds_ptr": "*i64"}  # fmt: skip
 
 
 SPLIT_KERNELS = [
-    "_chunk_stats_kernel",
-    "_chunk_race_kernel",
-    "_merge_chunks_kernel",
-    "_row_kernel_where_needed",
+    ("triton_sampler_split", "_chunk_stats_kernel"),
+    ("triton_sampler_split", "_chunk_race_kernel"),
+    ("triton_sampler_split", "_merge_chunks_kernel"),
+    ("triton_sampler_topk", "_threshold_pass_kernel"),
 ]
 
 
 def compile_split_kernels_for_hopper() -> None:
     """Compile each split kernel for sm_90 to a cubin; run in a process without TRITON_INTERPRET."""
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from compiled_serve.kernels import triton_sampler_split
+    from compiled_serve.kernels import triton_sampler_split, triton_sampler_topk
 
-    constexprs = {"BLOCK": 1024, "SPLITS": 16, "CHUNK_SLOTS": triton_sampler_split.MAX_CHUNKS}
-    for name in SPLIT_KERNELS:
-        kernel = getattr(triton_sampler_split, name)
+    passes = triton_sampler_topk.COUNT_PASSES + triton_sampler_topk.MASS_PASSES
+    constexprs = {"BLOCK": 1024, "SPLITS": 16, "CHUNK_SLOTS": triton_sampler_split.MAX_CHUNKS, "MASS": True,
+                  "STATS": 3, "SCALED_MAX": 2, "COUNT_PASSES": triton_sampler_topk.COUNT_PASSES, "PASSES": passes}  # fmt: skip
+    for module, name in SPLIT_KERNELS:
+        kernel = getattr(importlib.import_module(f"compiled_serve.kernels.{module}"), name)
         signature = {
             arg: "constexpr"
             if arg in constexprs
