@@ -148,6 +148,7 @@ class TensorParallelDriver:
         except (RuntimeError, dist.DistError) as e:  # a peer went away mid-collective
             self.check_alive()
             self.failed = f"a tensor-parallel collective failed: {e}"
+            self._finalizer()
             raise TensorParallelWorkerError(self.failed) from e
 
     def check_alive(self) -> None:
@@ -158,6 +159,7 @@ class TensorParallelDriver:
                     self.failed = f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code {code}"
                     break
         if self.failed is not None:
+            self._finalizer()  # the other workers are of no use now: kill and reap them (no zombies)
             raise TensorParallelWorkerError(self.failed + "; the engine must be restarted")
 
     def shutdown(self) -> None:

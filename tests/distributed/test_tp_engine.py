@@ -83,8 +83,8 @@ def test_tp2_engine_gives_tp1_tokens_and_logits(tiny):
     assert got_p == want_p
 
 
-def test_killed_worker_fails_the_engine_cleanly(tiny):
-    engine = _engine(tiny, 2)
+def test_killed_worker_fails_the_engine_cleanly(tmp_path_factory):
+    engine = _engine(_config_file(tmp_path_factory, "llama-kill", TINY_LLAMA), 2)
     try:
         worker = engine.tp.workers[0]
         engine.add_request("a", PROMPTS[0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
