@@ -1,5 +1,6 @@
 """Structured outputs offline, through `LLM`, with the real SmolLM2 weights at temperature 1.0:
-every output obeys its constraint by an independent check (jsonschema, re.fullmatch). Also: a
+every output obeys its constraint by an independent check (jsonschema, re.fullmatch); 50 per
+schema, regex, choice and grammar in the heavy tests. Also: a
 bad spec fails `generate` before any request runs, a matcher that fails mid-stream ends only its
 own request, and the legacy step path applies the same mask."""
 
@@ -61,6 +62,20 @@ def test_json_object_regex_choice_and_lark(llm: LLM) -> None:
         assert text in CHOICES
     for text in sample(llm, StructuredOutputsParams(grammar=LARK), count=8, max_tokens=40):
         assert LARK_OUTPUT.fullmatch(text), text
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize(("spec", "check", "max_tokens"), [
+    (StructuredOutputsParams(regex=REGEX), lambda text: re.fullmatch(REGEX, text), 40),
+    (StructuredOutputsParams(choice=CHOICES), lambda text: text in CHOICES, 40),
+    (StructuredOutputsParams(grammar=LARK), lambda text: LARK_OUTPUT.fullmatch(text), 40),
+], ids=["regex", "choice", "lark"])
+def test_fifty_outputs_per_regex_choice_and_grammar(llm: LLM, spec: StructuredOutputsParams, check,
+                                                     max_tokens: int) -> None:
+    texts = sample(llm, spec, count=50, max_tokens=max_tokens)
+    for text in texts:
+        assert check(text), text
+    assert len(set(texts)) > 1  # temperature 1.0 really samples
 
 
 def test_unconstrained_rows_in_the_same_batch_are_untouched(llm: LLM) -> None:
