@@ -25,6 +25,7 @@ from compiled_serve.server.output_parsing import (
 from compiled_serve.server.params import build_sampling_params
 from compiled_serve.server.protocol import ChatCompletionRequest, ChatMessage
 from compiled_serve.server.reasoning import REASONING_PARSERS
+from compiled_serve.server.request_fields import refuse_unsupported_chat
 from compiled_serve.server.state import ServerState, get_state, new_id
 from compiled_serve.server.streaming import (
     ChoiceDelta,
@@ -179,6 +180,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = get_state(request)
     engine_loop = state.require_engine()
     model = state.check_model(body.model)
+    body = refuse_unsupported_chat(body, model)
     top = body.top_logprobs or 0
     if top > state.max_logprobs:
         raise InvalidParameterError("top_logprobs", f"must be <= {state.max_logprobs} (the server's max_logprobs)")

@@ -14,6 +14,7 @@ from compiled_serve.outputs import CompletionOutput
 from compiled_serve.server.engine_loop import RequestStream
 from compiled_serve.server.params import COMPLETIONS_DEFAULT_MAX_TOKENS, build_sampling_params
 from compiled_serve.server.protocol import CompletionRequest
+from compiled_serve.server.request_fields import refuse_unsupported_completion
 from compiled_serve.server.state import ServerState, get_state, new_id
 from compiled_serve.server.streaming import (
     ChoiceDelta,
@@ -31,6 +32,7 @@ router = APIRouter()
 
 def _prompts(body: CompletionRequest) -> list[str | list[int]]:
     prompt = body.prompt
+    assert prompt is not None  # refuse_unsupported_completion ran first
     if isinstance(prompt, str):
         return [prompt]
     if prompt and isinstance(prompt[0], list):
@@ -69,6 +71,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
     engine_loop = state.require_engine()
     model = state.check_model(body.model)
+    refuse_unsupported_completion(body)
     if body.suffix:
         raise InvalidParameterError("suffix", "suffix is not supported")
     if body.echo and body.logprobs is not None:

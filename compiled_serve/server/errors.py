@@ -81,6 +81,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "The request body must be a JSON object.", None
     if kind == "missing" and not loc:
         return "The request body must be a JSON object.", None
+    if kind == "extra_forbidden":
+        # Every OpenAI request field is declared (protocol.py); this one is neither OpenAI's nor ours.
+        return (f"{param}: unknown field (not an OpenAI request field nor one of this server's extensions; "
+                "check its spelling)"), param
     # pydantic's message only (never the offending input, which may be huge or sensitive).
     message = str(first.get("msg", "invalid value"))[:512]
     return (f"{param}: {message}" if param else message), param

@@ -5,8 +5,12 @@ Every field is bounded, so the published OpenAPI schema describes what the serve
 (its `*_BOUNDS` constants are the single source of truth); the HTTP-only caps here (MAX_N,
 MAX_LOGPROBS, prompt sizes) are outer limits, and the engine's configured caps (max_n,
 max_logprobs, max_model_len, vocabulary) are checked per request.
-Unknown fields are rejected rather than silently ignored; NaN and Inf never validate; types
-are strict (no "1" -> 1, no true -> 1).
+Every field of OpenAI's chat-completions and completions requests is declared: the ones this
+server does not act on are accepted and logged once (request_fields.IGNORED), and the ones asking
+for what a text model cannot do are a 400 saying so (request_fields.refuse_unsupported_*). A
+field OpenAI documents as nullable may be null, meaning its default. Any other field is rejected
+(a typo is not silently ignored); NaN and Inf never validate; types are strict (no "1" -> 1, no
+true -> 1).
 """
 
 from __future__ import annotations
@@ -65,6 +69,16 @@ class StrictModel(BaseModel):
 class StreamOptions(StrictModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+    include_obfuscation: bool | None = None  # OpenAI pads SSE events against side channels; ignored
+
+
+def _null_means_default(model: type[BaseModel], data: Any) -> Any:
+    """OpenAI's request types mark most fields Optional: a client may send `"n": null` for the
+    default. Drops those nulls so each field keeps one non-null type and one default."""
+    if not isinstance(data, dict):
+        return data
+    return {name: value for name, value in data.items()
+            if value is not None or name not in model.model_fields or model.model_fields[name].default is None}
 
 
 class JsonSchemaFormat(StrictModel):
@@ -131,6 +145,11 @@ class SamplingFields(StrictModel):
     guided_choice: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(min_length=1, max_length=256)] | None = None
     guided_grammar: Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        return _null_means_default(cls, data)
+
     @field_validator("logit_bias")
     @classmethod
     def _integer_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
@@ -153,16 +172,54 @@ class SamplingFields(StrictModel):
 
 
 class CompletionRequest(SamplingFields):
+    # Optional in OpenAI's type too; a missing or null prompt is a 400 saying what a prompt is.
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)] | \
-        TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)]
+        TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)] | None = None
     echo: bool = False
     logprobs: Annotated[int, within(LOGPROBS_BOUNDS, le=MAX_LOGPROBS)] | None = None
     suffix: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
 
 
-class TextContentPart(StrictModel):
+# A payload this server ignores or refuses whatever it holds, so it is not validated field by field.
+OpaquePayload = Annotated[dict[str, Any], Field(max_length=16)]
+
+
+class ContentPartBase(StrictModel):
+    # OpenAI's explicit prompt-cache marks; ignored (prefix caching here is automatic).
+    prompt_cache_breakpoint: OpaquePayload | None = None
+
+
+class TextContentPart(ContentPartBase):
     type: Literal["text"]
     text: PromptText
+
+
+# The other parts of OpenAI's content union. A text model refuses image, audio and file parts
+# (request_fields.refuse_unsupported_chat) with a 400 that says what it is, malformed or not.
+class ImageContentPart(ContentPartBase):
+    type: Literal["image_url"]
+    image_url: OpaquePayload
+
+
+class AudioContentPart(ContentPartBase):
+    type: Literal["input_audio"]
+    input_audio: OpaquePayload
+
+
+class FileContentPart(ContentPartBase):
+    type: Literal["file"]
+    file: OpaquePayload
+
+
+class RefusalContentPart(ContentPartBase):
+    """An assistant turn's refusal, sent back by the client: rendered as the assistant's text."""
+
+    type: Literal["refusal"]
+    refusal: PromptText
+
+
+ContentPart = Annotated[TextContentPart | ImageContentPart | AudioContentPart | FileContentPart |
+                        RefusalContentPart, Field(discriminator="type")]
 
 
 MAX_TOOLS = 128
@@ -183,6 +240,13 @@ class ChatTool(StrictModel):
     function: FunctionDefinition
 
 
+class CustomTool(StrictModel):
+    """OpenAI's free-form (grammar or text input) tool: refused, only function tools are served."""
+
+    type: Literal["custom"]
+    custom: OpaquePayload
+
+
 class NamedFunction(StrictModel):
     name: FunctionName
 
@@ -190,6 +254,26 @@ class NamedFunction(StrictModel):
 class NamedToolChoice(StrictModel):
     type: Literal["function"]
     function: NamedFunction
+
+
+class AllowedTools(StrictModel):
+    mode: Literal["auto", "required"]
+    tools: Annotated[list[NamedToolChoice], Field(max_length=MAX_TOOLS)]
+
+
+class AllowedToolsChoice(StrictModel):
+    """A subset of `tools` with a mode: resolved into tools + tool_choice (request_fields)."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
+class CustomToolChoice(StrictModel):
+    type: Literal["custom"]
+    custom: OpaquePayload
+
+
+ToolChoiceObject = Annotated[NamedToolChoice | AllowedToolsChoice | CustomToolChoice, Field(discriminator="type")]
 
 
 class ToolCallFunction(StrictModel):
@@ -203,21 +287,43 @@ class MessageToolCall(StrictModel):
     function: ToolCallFunction
 
 
+class CustomMessageToolCall(StrictModel):
+    """A call of a custom (free-form input) tool: refused like the tool (request_fields)."""
+
+    id: Annotated[str, Field(max_length=256)]
+    type: Literal["custom"]
+    custom: OpaquePayload
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: PromptText | Annotated[list[TextContentPart], Field(max_length=256)] | None = None
+    # "function": OpenAI's deprecated function-calling result turn, refused (request_fields).
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: PromptText | Annotated[list[ContentPart], Field(max_length=256)] | None = None
     name: Annotated[str, Field(max_length=256)] | None = None
     tool_call_id: Annotated[str, Field(max_length=256)] | None = None
-    tool_calls: Annotated[list[MessageToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    # Not a discriminated union: `type` may be left out of a function call.
+    tool_calls: Annotated[list[MessageToolCall | CustomMessageToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
     # What this server returned earlier; clients send it back, and it is not rendered.
     reasoning_content: PromptText | None = None
+    # Assistant-turn fields of OpenAI's message type: `refusal` is rendered as the turn's text when
+    # it has no content; `audio` (a reference to earlier audio output) is ignored; `function_call`
+    # (deprecated) is refused.
+    refusal: PromptText | None = None
+    audio: OpaquePayload | None = None
+    function_call: OpaquePayload | None = None
 
     def text(self) -> str:
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        parts = []
+        for part in self.content:
+            if isinstance(part, TextContentPart):
+                parts.append(part.text)
+            elif isinstance(part, RefusalContentPart):
+                parts.append(part.refusal)
+        return "".join(parts)
 
 
 class ChatTemplateFields(StrictModel):
@@ -240,9 +346,30 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, within(LOGPROBS_BOUNDS, le=MAX_LOGPROBS)] | None = None
     max_completion_tokens: Annotated[int, within(MAX_TOKENS_BOUNDS, le=MAX_PROMPT_TOKENS)] | None = None
-    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # A CustomTool or CustomToolChoice is refused before the tool plan is made (request_fields).
+    tools: Annotated[list[Annotated[ChatTool | CustomTool, Field(discriminator="type")]],
+                     Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceObject | None = None
     parallel_tool_calls: bool | None = None
+    # OpenAI fields accepted and not acted on (request_fields.IGNORED says why; each is logged once).
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+    store: bool | None = None
+    service_tier: Annotated[str, Field(max_length=32)] | None = None
+    prediction: OpaquePayload | None = None
+    prompt_cache_key: Annotated[str, Field(max_length=1024)] | None = None
+    prompt_cache_options: OpaquePayload | None = None
+    prompt_cache_retention: Annotated[str, Field(max_length=32)] | None = None
+    reasoning_effort: Annotated[str, Field(max_length=32)] | None = None
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = None
+    verbosity: Annotated[str, Field(max_length=32)] | None = None
+    # OpenAI fields asking for what a text model cannot do: a 400 that says so (request_fields).
+    modalities: Annotated[list[Literal["text", "audio"]], Field(max_length=2)] | None = None
+    audio: OpaquePayload | None = None
+    functions: Annotated[list[OpaquePayload], Field(max_length=MAX_TOOLS)] | None = None
+    function_call: Annotated[str, Field(max_length=64)] | OpaquePayload | None = None
+    web_search_options: OpaquePayload | None = None
+    moderation: OpaquePayload | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:

@@ -11,8 +11,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.server.chat import render_chat_prompt
 from compiled_serve.server.protocol import DetokenizeRequest, TokenizeRequest
+from compiled_serve.server.request_fields import refuse_unsupported_message
 from compiled_serve.server.responses import router as responses_router
-from compiled_serve.server.state import get_state, server_version
+from compiled_serve.server.state import ServerState, get_state, server_version
 
 router = APIRouter()
 router.include_router(responses_router)  # /v1/responses (responses.py)
@@ -36,13 +37,23 @@ async def metrics(request: Request) -> Response:
     return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def _model_card(state: ServerState, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": state.created, "owned_by": "compiled-serve",
+            "root": state.model_name, "max_model_len": state.max_model_len}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     state = get_state(request)
-    data = [{"id": name, "object": "model", "created": state.created, "owned_by": "compiled-serve",
-             "root": state.model_name, "max_model_len": state.max_model_len}
-            for name in state.served_model_names]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [_model_card(state, name) for name in state.served_model_names]}
+
+
+# `:path`: a served name may be a hub id with a slash (org/name), which clients put in the URL as is.
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """`client.models.retrieve(id)`; an id this server does not serve is a 404 in OpenAI's shape."""
+    state = get_state(request)
+    return _model_card(state, state.check_model(model_id))
 
 
 @router.post("/tokenize")
@@ -52,6 +63,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     if body.messages is not None:
         if state.engine_loop is None:
             raise InvalidParameterError("messages", "this model has no chat template")
+        for i, message in enumerate(body.messages):
+            refuse_unsupported_message(message, f"messages[{i}]", state.model_name)
         tokens = render_chat_prompt(state, body.messages, add_generation_prompt=body.add_generation_prompt)
     else:
         tokens = list(state.tokenizer(body.prompt or "", add_special_tokens=body.add_special_tokens).input_ids)
