@@ -106,3 +106,20 @@ def test_indivisible_heads_are_an_invalid_parameter(tmp_path_factory):
                                                          "num_key_value_heads": 3})
     with pytest.raises(InvalidParameterError, match=r"tensor_parallel_size.*num_heads \(9\)"):
         _engine(path, 2)
+
+
+@pytest.mark.heavy
+def test_tp2_inductor_engine_gives_tp1_tokens(tmp_path_factory):
+    """The default compile mode: Inductor compiles the sharded graph, collectives included (C++ on
+    the CPU, gloo underneath); tokens are TP=1's, logits within 2e-5 (~90 s on 2 cores)."""
+    path = _config_file(tmp_path_factory, "llama-inductor", TINY_LLAMA)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want, want_logits = _run(_engine(path, 1), PROMPTS, greedy)
+    engine = _engine(path, 2, compile_mode="inductor", build_cache=False)
+    try:
+        got, got_logits = _run(engine, PROMPTS, greedy)
+    finally:
+        engine.shutdown()
+    assert got == want
+    for a, b in zip(got_logits, want_logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
