@@ -56,15 +56,21 @@ def start_engine(config: EngineConfig, spinner: bool | None = None) -> LLMEngine
 
     start = time.perf_counter()
     cache = build_cache_for(config)
-    dynamo_before = _dynamo_seconds()
+    dynamo_before, inductor_before = _dynamo_seconds(), _inductor_counts()
     with CompileProgress(enabled=on_a_terminal() if spinner is None else spinner) as progress, \
             _recording(cache):
         engine = LLMEngine(config, on_progress=progress.update, build_cache=cache)
         dynamo = _minus(_dynamo_seconds(), dynamo_before)
-        logger.info(warmup_line(engine, dynamo))
+        hits, misses = (after - before for after, before in zip(_inductor_counts(), inductor_before))
+        logger.info(warmup_line(engine, dynamo, hits, misses))
         status = engine.build_status
-        if cache is not None and status is not None and not status.loaded:
-            _store_build(engine, cache)
+        if status is not None and config.compile_mode == "inductor":
+            status.message += f"; Inductor: {hits} graph(s) from cache, {misses} generated"
+        if cache is not None and status is not None:
+            if status.loaded:
+                status.message += f"; cache {cache.describe()}"
+            else:
+                _store_build(engine, cache)
     logger.info(ready_line(engine, time.perf_counter() - start))
     return engine
 
@@ -104,6 +110,14 @@ def _store_build(engine: LLMEngine, cache: BuildCache) -> None:
     status.message += f"; cache {size}"
 
 
+def _inductor_counts() -> tuple[int, int]:
+    """Inductor's FX-graph cache (hits, misses) so far in this process: a miss is a graph whose code
+    Inductor generated, a hit one it loaded."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
 def _dynamo_seconds() -> tuple[float, float]:
     """(dynamo's whole compile time, the backend's part of it) so far in this process, from dynamo's
     own timers (private API: zeros where it is missing)."""
@@ -121,12 +135,14 @@ def _minus(after: tuple[float, float], before: tuple[float, float]) -> float:
     return max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
 
 
-def warmup_line(engine: LLMEngine, dynamo_seconds: float) -> str:
+def warmup_line(engine: LLMEngine, dynamo_seconds: float, hits: int = 0, misses: int = 0) -> str:
     backend = sum(graph["seconds"] for graph in engine.compile_report.graphs)
     rest = max(0.0, engine.compile_seconds - backend - dynamo_seconds)
+    generated = f"; Inductor: {hits} from cache, {misses} generated" if engine.config.compile_mode == "inductor" \
+        else ""
     return (f"warm-up done in {engine.compile_seconds:.1f}s: dynamo capture {dynamo_seconds:.1f}s, passes and "
             f"{engine.config.compile_mode} backend {backend:.1f}s ({len(engine.compile_report.graphs)} model "
-            f"graph(s)), warm-up steps and tail graphs {rest:.1f}s")
+            f"graph(s){generated}), warm-up steps and tail graphs {rest:.1f}s")
 
 
 def ready_line(engine: LLMEngine, total_seconds: float) -> str:

@@ -105,6 +105,7 @@ engine = start_engine(EngineConfig(model={model!r}, load_format="dummy", dtype="
                                    num_kv_blocks=64, max_num_seqs=8, device="cpu"), spinner=False)
 from torch._dynamo.utils import counters
 print("STATUS", engine.build_status.loaded, flush=True)
+print("SUMMARY", engine.startup_report()["build"], flush=True)
 print("COUNTERS", dict(counters["inductor"]), flush=True)
 """
 
@@ -181,6 +182,9 @@ def test_inductor_warm_start_compiles_nothing(tmp_path: Path, cache_root: Path) 
     assert "STATUS False" in out1 and cold.get("fxgraph_cache_miss", 0) >= 1
     assert "STATUS True" in out2
     assert warm.get("fxgraph_cache_miss", 0) == 0 and warm.get("fxgraph_cache_hit", 0) >= 1, warm
+    # The startup summary reports the same counters.
+    assert f"Inductor: 0 graph(s) from cache, {cold['fxgraph_cache_miss']} generated" in out1
+    assert f"Inductor: {warm['fxgraph_cache_hit']} graph(s) from cache, 0 generated" in out2
 
 
 def _tiny_gguf(tmp_path: Path) -> str:
