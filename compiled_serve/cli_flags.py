@@ -18,6 +18,7 @@ from compiled_serve.server.tool_parsers import TOOL_PARSERS
 # Fields whose values are a closed set: argparse checks them and `--help` lists them.
 CHOICES: dict[str, Sequence[str]] = {
     "dtype": engine_config._DTYPES, "load_format": engine_config._LOAD_FORMATS,
+    "quantization": engine_config._QUANTIZATIONS,
     "device": engine_config._DEVICES, "compile_mode": engine_config._COMPILE_MODES,
     "build_fallback": engine_config._BUILD_FALLBACKS, "scheduling": engine_config._SCHEDULING,
     "tool_call_parser": sorted(TOOL_PARSERS), "reasoning_parser": sorted(REASONING_PARSERS),
@@ -31,6 +32,9 @@ HELP: dict[str, str] = {
     "load_format": "how to read --model; auto: from its path (.gguf, a directory, a hub id); "
                    "dummy: random weights for a preset, config.json or directory",
     "dtype": "weight and activation dtype; auto: float32 on CPU, bfloat16 on CUDA",
+    "quantization": "weight quantization; auto: a GGUF on the CPU keeps its own blocks (gguf), anything else none; "
+                    "gguf: Q4_0/Q4_1 as int4, Q8_0 as int8 blocks (CPU); int8, int4: weight-only, quantized at "
+                    "load (CPU); fp8: e4m3 weights with per-channel scales (CUDA); none: unquantized, in --dtype",
     "device": "auto: cuda when available, else cpu",
     "seed": "seed of the dummy weights",
     "tokenizer": "a tokenizer directory or hub id used instead of the model's own; none: the model's own",

@@ -11,6 +11,7 @@ The model stays plain PyTorch at its full size; this pass shards it in the graph
       column-parallel per section: W_r = [q_r; k_r; v_r] (models/tp_layout.py), the split sizes
       and head counts of the views become the rank's: view(-1, H/N, D), view(-1, KVH_r, D)
   linear(x, Wgu) -> chunk(2)        column-parallel per section: W_r = [gate_r; up_r]
+      (or -> silu_and_mul, after the opt-in SiluMulPass)
   linear(x, W)  whose input comes from attention or from a gate/up output   (o_proj, down_proj)
       row-parallel: W_r = W[:, r*K/N:(r+1)*K/N]; y = wait(all_reduce(linear(x, W_r), "sum")) (+ bias)
   any other linear on a replicated input (lm_head, in the logits graph)
@@ -56,6 +57,7 @@ from compiled_serve.passes.matching import arg, kind, last_dim
 _LINEAR = (torch._C._nn.linear, F.linear)
 _EMBEDDING = (F.embedding, torch.embedding)
 _ATTENTION = ("compiled_serve::causal_attention", "compiled_serve::paged_attention")
+_GATE_UP_OPS = ("compiled_serve::silu_and_mul",)  # SiluMulPass's op: takes the packed [gate | up] whole
 _c10d = torch.ops._c10d_functional
 
 COLUMN, ROW, GATHERED, VOCAB = "column", "row", "gathered", "vocab"
@@ -175,8 +177,10 @@ class TensorParallelPass(GraphPass):
         users = list(node.users)
         if len(users) == 1 and kind(users[0]) == "split" and self._qkv(node, users[0], w, b):
             return
-        if len(users) == 1 and kind(users[0]) == "chunk" and arg(users[0], 1, "chunks") == 2 \
-                and last_dim(arg(users[0], 2, "dim", 0), node):
+        halved = len(users) == 1 and kind(users[0]) == "chunk" and arg(users[0], 1, "chunks") == 2 \
+            and last_dim(arg(users[0], 2, "dim", 0), node)
+        fused = len(users) == 1 and users[0].op == "call_function" and op_name(users[0].target) in _GATE_UP_OPS
+        if halved or fused:
             out = graph_input_tensor(w).shape[0]
             ranges = section_row_ranges([out // 2, out // 2], self.rank, self.world_size, f"{w.name} gate/up")
             self._replace_weight(node, 1, w, ranges, 0, "gate_up")

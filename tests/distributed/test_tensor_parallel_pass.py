@@ -94,10 +94,11 @@ def test_memoryless_weight_without_a_shard_is_refused():
 
 
 PARITY_CASES = [
-    ("llama", {}),
-    ("llama", {"num_key_value_heads": 1}),  # KV heads replicated on both ranks
-    ("qwen3", {}),  # per-head q/k norms
-    ("qwen2", {"tie_word_embeddings": True}),  # q/k/v bias; logits from the vocab-parallel embedding
+    ("llama", {}, False),
+    ("llama", {"num_key_value_heads": 1}, False),  # KV heads replicated on both ranks
+    ("qwen3", {}, False),  # per-head q/k norms
+    ("qwen2", {"tie_word_embeddings": True}, False),  # q/k/v bias; logits from the vocab-parallel embedding
+    ("qwen3", {}, True),  # after every built-in pass, the opt-in fusions too (silu_and_mul, fused norms, rotary)
 ]
 
 
@@ -106,12 +107,12 @@ def two_rank_results():
     return run_ranks(tp_testing.rank_two_steps, 2, PARITY_CASES)
 
 
-@pytest.mark.parametrize("case", range(len(PARITY_CASES)), ids=[f"{k}-{o}" for k, o in PARITY_CASES])
+@pytest.mark.parametrize("case", range(len(PARITY_CASES)), ids=[f"{k}-{o}-{'fused' if f else 'plain'}" for k, o, f in PARITY_CASES])
 def test_two_gloo_ranks_match_transformers_and_tp1(two_rank_results, case):
-    kind, overrides = PARITY_CASES[case]
+    kind, overrides, fusions = PARITY_CASES[case]
     hf, ours = hf_and_ours(kind, **overrides)
     seqs = prompts()
-    tp1 = two_step_logits(ours, seqs)
+    tp1 = two_step_logits(ours, seqs, fusions=fusions)
     ref = hf_logits(hf, seqs)
     decoded = [s + [t] for s, t in zip(seqs, tp1["next_ids"].tolist())]
     ref_decode = torch.stack([x[-1] for x in hf_logits(hf, decoded)])
@@ -125,3 +126,14 @@ def test_two_gloo_ranks_match_transformers_and_tp1(two_rank_results, case):
     # Each rank's cache holds only its KV heads.
     kv = head_split(ours.config.num_heads, ours.config.num_kv_heads, 0, 2).num_kv_heads
     assert two_rank_results[0][f"{case}.kv_cache0"].shape[3] == kv
+
+
+def test_fused_silu_mul_is_still_a_gate_up_projection():
+    from compiled_serve.passes.silu_mul import SiluMulPass
+
+    _, ours = hf_and_ours("llama")
+    tp = TensorParallelPass(0, 2, group_name="0")
+    g = rewritten_graph(ours, [SiluMulPass(), PagedAttentionPass(), tp])
+    assert count_ops(g)["compiled_serve::silu_and_mul"] == ours.config.num_layers
+    assert sorted(set(tp.roles.values())) == ["gate_up", "qkv", "row", "vocab"]
+    assert count_ops(g)[ALL_REDUCE] == 2 * ours.config.num_layers + 1

@@ -98,9 +98,11 @@ def _metadata(seqs: list[list[int]], new: list[int], num_layers: int, caches: li
 
 
 @torch.no_grad()
-def two_step_logits(model: torch.nn.Module, seqs: list[list[int]], rank: int = 0, world_size: int = 1) -> dict:
+def two_step_logits(model: torch.nn.Module, seqs: list[list[int]], rank: int = 0, world_size: int = 1,
+                    fusions: bool = False) -> dict:
     """Prefill every sequence, then decode the greedy next token of each, through the compiled
-    step (paged attention; with world_size > 1 also TensorParallelPass and the sharded logits)."""
+    step (paged attention; with world_size > 1 also TensorParallelPass and the sharded logits;
+    `fusions`: every built-in pass first, the opt-in kernel fusions included)."""
     from compiled_serve.kernels.forward_context import forward_context
     from compiled_serve.models.tp_layout import head_split
     from compiled_serve.passes.manager import PassManager
@@ -111,6 +113,10 @@ def two_step_logits(model: torch.nn.Module, seqs: list[list[int]], rank: int = 0
 
     cfg = model.config
     passes: list = [PagedAttentionPass()]
+    if fusions:
+        from compiled_serve.passes.registry import BUILTIN_PASSES
+
+        passes = [cls() for cls in BUILTIN_PASSES.values()]
     kv_heads = cfg.num_kv_heads
     logits_fn = model.compute_logits
     if world_size > 1:
@@ -145,13 +151,13 @@ def hf_logits(hf: Any, seqs: list[list[int]]) -> list[torch.Tensor]:
 
 
 def rank_two_steps(rank: int, world_size: int, cases: list[tuple[str, dict]]) -> dict:
-    """On one rank, for each (kind, overrides): the tiny model (same seed everywhere), sharded,
+    """On one rank, for each (kind, overrides, fusions): the tiny model (same seed everywhere), sharded,
     two steps; keys are prefixed with the case's index. One spawn for every case: starting a
     rank (imports, first compile) costs more than a case."""
     out = {}
-    for i, (kind, overrides) in enumerate(cases):
+    for i, (kind, overrides, fusions) in enumerate(cases):
         _, ours = hf_and_ours(kind, **overrides)
-        out.update({f"{i}.{k}": v for k, v in two_step_logits(ours, prompts(), rank, world_size).items()})
+        out.update({f"{i}.{k}": v for k, v in two_step_logits(ours, prompts(), rank, world_size, fusions).items()})
     return out
 
 
