@@ -150,6 +150,9 @@ class BuildKey:
     triton_version: str | None
     compile_mode: str
     format_version: int = FORMAT_VERSION
+    # Weight quantization (models/quantization.py). Written into the canonical form only when it
+    # is not "none", so unquantized keys keep the digests they had before the field existed.
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_config, Mapping):
@@ -159,7 +162,8 @@ class BuildKey:
         object.__setattr__(self, "model_config", _freeze(self.model_config, "model_config"))
         object.__setattr__(self, "passes", self._check_passes(self.passes))
         object.__setattr__(self, "buckets", self._check_buckets(self.buckets))
-        for name in ("weight_fingerprint", "dtype", "device_capability", "torch_version", "compile_mode"):
+        for name in ("weight_fingerprint", "dtype", "device_capability", "torch_version", "compile_mode",
+                     "quantization"):
             _require_str(name, getattr(self, name))
         _require_str("triton_version", self.triton_version, optional=True)
         if isinstance(self.format_version, bool) or not isinstance(self.format_version, int):
@@ -200,6 +204,7 @@ class BuildKey:
         dtype: Any,
         compile_mode: str = "default",
         device: Any = None,
+        quantization: str = "none",
     ) -> BuildKey:
         """A key for a build made here and now; the toolchain fields come from this process.
 
@@ -218,6 +223,7 @@ class BuildKey:
             torch_version=tc.torch_version,
             triton_version=tc.triton_version,
             compile_mode=compile_mode,
+            quantization=quantization,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,13 +239,14 @@ class BuildKey:
             "triton_version": self.triton_version,
             "compile_mode": self.compile_mode,
             "format_version": self.format_version,
+            **({"quantization": self.quantization} if self.quantization != "none" else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BuildKey:
         """Rebuild a key from `to_dict()` output (e.g. a manifest); unknown fields are refused."""
         expected = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, Mapping) or set(data) != expected:
+        if not isinstance(data, Mapping) or set(data) not in (expected, expected - {"quantization"}):
             got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
             raise InvalidBuildKeyError(f"key fields must be exactly {sorted(expected)}, got {got}")
         fields = dict(data)
@@ -268,7 +275,7 @@ class BuildKey:
         return [
             f.name
             for f in dataclasses.fields(self)
-            if canonical_json(mine[f.name]) != canonical_json(theirs[f.name])
+            if canonical_json(mine.get(f.name, "none")) != canonical_json(theirs.get(f.name, "none"))
         ]
 
     def describe_diff(self, other: BuildKey) -> list[str]:

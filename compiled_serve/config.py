@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from compiled_serve.errors import InvalidParameterError
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4", "fp8")  # models/quantization.py says what each means
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _COMPILE_MODES = ("inductor", "graph")
@@ -23,6 +24,11 @@ class EngineConfig:
     model: str | None = None
     load_format: str = "auto"  # "dummy": random weights for a preset name or a config
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    # Weight quantization (vLLM's names where vLLM has the method; models/quantization.py). auto (or
+    # None, as vLLM spells it): a GGUF on the CPU keeps its own Q4_0/Q4_1/Q8_0 blocks ("gguf"),
+    # anything else is unquantized. The default stays "none" until the tests that assume fp32 weights
+    # for the embedded model say so themselves (docs/perf-notes.md, issue 13).
+    quantization: str | None = "none"
     device: str = "auto"
     seed: int = 0
     tokenizer: str | None = None  # defaults to the model's own
@@ -72,6 +78,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         checks = [
             ("dtype", self.dtype in _DTYPES, f"must be one of {_DTYPES}"),
+            ("quantization", self.quantization is None or self.quantization in _QUANTIZATIONS,
+             f"must be one of {_QUANTIZATIONS} or None"),
             ("load_format", self.load_format in _LOAD_FORMATS, f"must be one of {_LOAD_FORMATS}"),
             ("device", self.device in _DEVICES, f"must be one of {_DEVICES}"),
             ("compile_mode", self.compile_mode in _COMPILE_MODES, f"must be one of {_COMPILE_MODES}"),

@@ -10,6 +10,10 @@ Three layouts, each with a pure-torch reference (dequantize in float32, then `F.
   q8b   GGUF Q8_0 kept as it is: `codes` int8 [N, K], `scales` [N, K/32] float32: w = q * scale per
         block of 32. No custom op: `blockwise_int8_linear` is written in torch ops and traced into
         the graph, so Inductor generates the dequantize-and-matmul itself.
+  fp8   CUDA: `weight` float8_e4m3fn [N, K], `scales` float32 [N] per output channel: w = q * scale;
+        the activation is quantized per token at run time (`quantize_fp8_rowwise`). Op
+        `compiled_serve::fp8_weight_linear` -> `torch._scaled_mm` (rowwise scales, sm89+); on the
+        CPU it runs its reference (tests only: the engine refuses fp8 without CUDA).
 
 Both torch kernels are vectorized for bf16 activations only (their float32 path is a scalar
 loop, ~15x slower on the 2-core AVX-512 CPU, docs/perf-notes.md); the activation is computed in
@@ -24,6 +28,8 @@ import torch.nn.functional as F
 #: torch's CPU int4 layout tiles 64 output rows (N must be a multiple).
 INT4_BLOCK_N = 64
 Q8_BLOCK = 32
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
 
 
 def pack_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
@@ -38,7 +44,8 @@ def pack_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"int4 layout needs N % {INT4_BLOCK_N} == 0 and even K, got {n} x {k}")
     tiles = codes.to(torch.uint8).reshape(n // INT4_BLOCK_N, INT4_BLOCK_N, k).transpose(1, 2)  # [nb, K, 64]
     half = INT4_BLOCK_N // 2
-    return (tiles[..., :half] | (tiles[..., half:] << 4)).reshape(n, k // 2)
+    # contiguous: the kernel refuses strided B (the elementwise op keeps the transposed layout)
+    return (tiles[..., :half] | (tiles[..., half:] << 4)).reshape(n, k // 2).contiguous()
 
 
 def unpack_int4_cpu(packed: torch.Tensor) -> torch.Tensor:
@@ -105,3 +112,37 @@ def blockwise_int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Te
 def bf16_weight_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ weight [N, K] bf16 .T, computed in bf16, returned in x's dtype (torch ops)."""
     return F.linear(x.to(weight.dtype), weight).to(x.dtype)
+
+
+def quantize_fp8_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [R, C] -> (codes float8_e4m3fn [R, C], scales float32 [R, 1]): t ~= codes * scales.
+
+    Each row's absolute maximum maps to FP8_MAX. The one quantize step of both sides: weights
+    per output channel at load, activations per token in the op (the same code on CPU and CUDA).
+    """
+    amax = t.detach().abs().amax(dim=-1, keepdim=True).float()
+    scales = (amax / FP8_MAX).clamp(min=1e-12)
+    codes = (t.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, scales
+
+
+def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What the fp8 op computes, in float32: per-token fp8 x times per-channel fp8 w."""
+    xq, xs = quantize_fp8_rowwise(x)
+    return F.linear(xq.float() * xs, weight.float() * scales.float()[:, None]).to(x.dtype)
+
+
+@torch.library.custom_op("compiled_serve::fp8_weight_linear", mutates_args=())
+def fp8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [T, K] -> [T, N] in x's dtype; weight [N, K] e4m3, scales [N] float32."""
+    if x.device.type != "cuda":
+        return fp8_linear_reference(x, weight, scales)
+    xq, xs = quantize_fp8_rowwise(x)  # [T, K] e4m3, [T, 1]
+    # weight.t() is [K, N] column-major, the layout _scaled_mm wants for its second operand.
+    out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scales.float()[None, :], out_dtype=torch.bfloat16)
+    return out.to(x.dtype)
+
+
+@fp8_weight_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))

@@ -12,6 +12,7 @@ After, by layout:
     int8: out = compiled_serve.int8_weight_linear(x, weight_int8, scales) + bias
     q8b:  out = blockwise_int8_linear(x, codes, scales) + bias   (torch ops; Inductor fuses)
     bf16: out = bf16_weight_linear(x, weight_bf16) + bias        (torch ops)
+    fp8:  out = compiled_serve.fp8_weight_linear(x, weight_e4m3, scales) + bias   (CUDA)
 
 Required: a graph whose placeholders carry quantized weights must have every use of them
 rewritten, or compilation fails (the placeholder reads as zeros). A graph without quantized
@@ -40,6 +41,7 @@ _OPS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "int8": (torch.ops.compiled_serve.int8_weight_linear.default, ("weight", "scales")),
     "q8b": (blockwise_int8_linear, ("codes", "scales")),
     "bf16": (bf16_weight_linear, ("weight",)),
+    "fp8": (torch.ops.compiled_serve.fp8_weight_linear.default, ("weight", "scales")),
 }
 
 
@@ -63,7 +65,7 @@ def linear_operands(node: torch.fx.Node) -> tuple[object, object, object] | None
 class QuantizedLinearPass(GraphPass):
     name = "quantized-linear"
     phase = "rewrite"
-    devices: tuple[str, ...] = ("cpu",)
+    devices: tuple[str, ...] = ("cpu", "cuda")  # int4/int8/q8b on the CPU, fp8 on CUDA
     uuid_modules = ("compiled_serve.kernels.quantized_linear", "compiled_serve.models.quantized")
 
     def apply(self, gm: torch.fx.GraphModule) -> int:

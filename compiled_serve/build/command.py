@@ -17,7 +17,7 @@ from compiled_serve.engine.buckets import parse_buckets
 
 # EngineConfig fields that change a build (the rest are serving knobs).
 COMPILE_FLAGS: dict[str, type] = {
-    "model": str, "load_format": str, "dtype": str, "device": str, "seed": int, "block_size": int,
+    "model": str, "load_format": str, "dtype": str, "quantization": str, "device": str, "seed": int, "block_size": int,
     "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int, "num_kv_blocks": int,
     "gpu_memory_utilization": float, "compile_mode": str,
 }

@@ -42,6 +42,11 @@ from compiled_serve.engine.step_sampler import TailInputs, TailRow, raw_logprobs
 from compiled_serve.engine.structured_state import StructuredState
 from compiled_serve.engine.tp_engine import TensorParallelDriver
 from compiled_serve.errors import InvalidParameterError
+from compiled_serve.models.quantization import (
+    QUANTIZED_LINEAR_PASS,
+    load_quantized_model,
+    resolve_quantization,
+)
 from compiled_serve.outputs import RequestOutput
 from compiled_serve.passes.logits_tail_pipeline import (
     EnginePasses,
@@ -82,8 +87,18 @@ class LLMEngine:
         # Tensor parallel: this process is rank 0; the workers start (and load) meanwhile.
         self.tp = TensorParallelDriver(config, self.device) if config.tensor_parallel_size > 1 else None
         t0 = time.perf_counter()
-        loaded = self.tp.load_model(self.dtype) if self.tp else load_model_cached(config, self.dtype, self.device,
-                                                                                   build_cache)
+        # Quantized weights (models/quantization.py) load their own way: the snapshot cache holds float tensors.
+        self.quantization = "none" if self.tp and config.quantization in (None, "none") else \
+            resolve_quantization(config.quantization, config.model, config.load_format, self.device)
+        if self.tp and self.quantization != "none":
+            raise InvalidParameterError("quantization", "not supported with tensor_parallel_size > 1 yet")
+        if self.quantization != "none":
+            loaded = load_quantized_model(config.model, self.quantization, load_format=config.load_format,
+                                          dtype=self.dtype, device=self.device, tokenizer=config.tokenizer,
+                                          seed=config.seed)
+        else:
+            loaded = self.tp.load_model(self.dtype) if self.tp else load_model_cached(config, self.dtype, self.device,
+                                                                                       build_cache)
         self.load_seconds = time.perf_counter() - t0
         self.model = loaded.module
         self.model_config = mc = loaded.config
@@ -100,7 +115,8 @@ class LLMEngine:
         self.mixed_buckets = default_mixed_buckets(config.max_num_batched_tokens) \
             if config.scheduling != "legacy" else ()
         self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager and self.tp is None
-        self.pass_manager = default_pass_manager(extra=list(config.extra_passes),
+        quantized = [QUANTIZED_LINEAR_PASS] if self.quantization != "none" else []
+        self.pass_manager = default_pass_manager(extra=list(config.extra_passes) + quantized,
                                                  disabled=list(config.disabled_passes), device=self.device.type)
         if self.tp:
             self.pass_manager = self.tp.pass_manager(self.pass_manager)
@@ -109,7 +125,7 @@ class LLMEngine:
             model_config={**mc.to_dict(), **(self.tp.key() if self.tp else {})},
             weight_fingerprint=self.weight_fingerprint,
             passes=EnginePasses(self.pass_manager, self.tail_pass_manager).uuids(), buckets=self.decode_buckets,
-            dtype=self.dtype, compile_mode=config.compile_mode, device=self.device)
+            dtype=self.dtype, compile_mode=config.compile_mode, device=self.device, quantization=self.quantization)
         self.build_status: BuildStatus | None = open_build(config, self.build_key, build_cache)
         step_fn, self.compile_report = compile_model(self.model, mode=config.compile_mode, passes=self.pass_manager)
         if self.tp:
@@ -556,6 +572,7 @@ class LLMEngine:
             "model": self.model_source,
             "architecture": self.model_config.architecture,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quantization": self.quantization,
             "device": str(self.device),
             "kv_cache_blocks": self.block_manager.num_blocks,
             "kv_cache_tokens": self.block_manager.num_blocks * self.config.block_size,

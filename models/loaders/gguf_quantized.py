@@ -105,8 +105,10 @@ def _stacked(module: torch.nn.Module, hf_name: str) -> tuple[str, object]:
     return hf_name, None
 
 
-def load_gguf_quantized(path: str, layout: str = "int4", compute_dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
-    """The GGUF at `path` on the CPU, every linear weight kept in `layout` (see module doc).
+def load_gguf_quantized(path: str, layout: str = "int4", compute_dtype: torch.dtype = torch.bfloat16,
+                        dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The GGUF at `path` on the CPU, every linear weight kept in `layout` (see module doc);
+    the other weights (embedding, norms) in `dtype`.
 
     Q4_0/Q4_1 into "int4" and Q8_0 into "q8b" repack code for code; other pairings quantize
     from each tensor's float values. The model still needs QuantizedLinearPass.
@@ -116,7 +118,7 @@ def load_gguf_quantized(path: str, layout: str = "int4", compute_dtype: torch.dt
     require_existing(path)
     reader = open_gguf(path)
     config = gguf_config(reader)
-    module = build_empty_module(config, torch.float32, torch.device("cpu"))
+    module = build_empty_module(config, dtype, torch.device("cpu"))
     linear = set(linear_weight_names(module))
     params = dict(module.named_parameters())
     permuted = _field(reader, "general.architecture") == "llama"
@@ -157,7 +159,7 @@ def load_gguf_quantized(path: str, layout: str = "int4", compute_dtype: torch.dt
         tokenizer=load_gguf_tokenizer(path, chat_template) if has_vocab else None,
         chat_template=chat_template,
         source=f"gguf:{path} ({quantization_label(reader)}, linear weights as {layout})",
-        weight_fingerprint=file_fingerprint([path], extra=f"quantized:{layout}:{compute_dtype}"),
+        weight_fingerprint=file_fingerprint([path], extra=f"quantized:{layout}:{compute_dtype}:{dtype}"),
     )
 
 
