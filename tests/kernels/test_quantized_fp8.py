@@ -1,0 +1,97 @@
+"""fp8 weights (--quantization fp8): the quantize step on the CPU against the e4m3 format's own
+bounds, the pass on the CPU reference, and torch._scaled_mm against that reference on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compiled_serve.kernels.quantized_linear import (
+    FP8_DTYPE,
+    FP8_MAX,
+    fp8_linear_reference,
+    fp8_weight_linear,
+    quantize_fp8_rowwise,
+)
+from compiled_serve.models.quantized import quantize_float, quantize_linear_layers
+from compiled_serve.passes.base import count_ops
+from compiled_serve.passes.quantized_linear import QuantizedLinearPass
+
+# e4m3 keeps 3 mantissa bits: a normal value rounds to within 2^-4 of itself; below the smallest
+# normal (2^-6) the spacing is 2^-9, in units of the row's scale.
+REL, SUB = 2.0 ** -4, 2.0 ** -9
+
+
+def test_each_rows_maximum_maps_to_the_largest_e4m3_value_and_rounding_stays_in_bounds() -> None:
+    torch.manual_seed(0)
+    t = torch.randn(64, 256) * torch.logspace(-3, 3, 64)[:, None]  # rows over six decades
+    codes, scales = quantize_fp8_rowwise(t)
+    assert codes.dtype == FP8_DTYPE and scales.shape == (64, 1) and scales.dtype == torch.float32
+    assert torch.equal(codes.float().abs().amax(dim=1), torch.full((64,), FP8_MAX))
+    back = codes.float() * scales
+    assert bool(((back - t).abs() <= t.abs() * REL + scales * SUB).all())
+
+
+def test_values_on_the_e4m3_grid_come_back_exactly() -> None:
+    grid = torch.tensor([448.0, -448.0, 1.0, -0.5, 0.125, 2.0 ** -9, 0.0, 240.0, 3.5])
+    codes, scales = quantize_fp8_rowwise(grid[None])
+    assert float(scales) == 1.0 and torch.equal(codes.float()[0], grid)
+
+
+def test_the_fp8_layout_dequantizes_to_the_weight_within_e4m3_rounding() -> None:
+    torch.manual_seed(1)
+    w = torch.randn(128, 64)
+    qw = quantize_float(w, "fp8")
+    assert qw.tensors["weight"].dtype == FP8_DTYPE and qw.tensors["scales"].shape == (128,)
+    scale = qw.tensors["scales"][:, None]
+    assert bool(((qw.dequantize() - w).abs() <= w.abs() * REL + scale * SUB).all())
+
+
+class TwoLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(64, 128, bias=False)
+        self.down = torch.nn.Linear(128, 64, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.up(x)))
+
+
+def test_the_pass_rewrites_each_linear_to_the_fp8_op_and_matches_its_reference() -> None:
+    torch.manual_seed(2)
+    model = TwoLinears().eval()
+    float_out = model(x := torch.randn(8, 64))
+    weights = quantize_linear_layers(model, "fp8")
+    counts: dict[str, dict[str, int]] = {}
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        counts["before"] = count_ops(gm)
+        assert QuantizedLinearPass()(gm) == 2
+        counts["after"] = count_ops(gm)
+        return gm.forward
+
+    with torch.inference_mode():
+        out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    assert counts["before"].get("linear", 0) == 2 and counts["after"].get("linear", 0) == 0
+    assert counts["after"]["compiled_serve::fp8_weight_linear"] == 2
+    up, down = weights["up.weight"].tensors, weights["down.weight"].tensors
+    hidden = F.silu(fp8_linear_reference(x, up["weight"], up["scales"]))
+    ref = fp8_linear_reference(hidden, down["weight"], down["scales"]) + model.down.bias
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    # And what fp8 costs against the float layers: e4m3 rounding of both operands, well under 10%.
+    assert float((out - float_out).abs().max()) <= 0.1 * float(float_out.abs().max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="torch._scaled_mm with rowwise scales needs an sm89+ CUDA device")
+def test_scaled_mm_matches_the_reference_on_cuda() -> None:
+    torch.manual_seed(3)
+    w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
+    qw = quantize_float(w, "fp8")
+    got = fp8_weight_linear(x, qw.tensors["weight"], qw.tensors["scales"])
+    want = fp8_linear_reference(x.float(), qw.tensors["weight"], qw.tensors["scales"])
+    assert got.dtype == torch.bfloat16
+    # bf16 output: 2^-8 relative, and fp32 vs tensor-core accumulation order.
+    assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
