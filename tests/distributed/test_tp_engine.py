@@ -123,3 +123,20 @@ def test_tp2_inductor_engine_gives_tp1_tokens(tmp_path_factory):
     assert got == want
     for a, b in zip(got_logits, want_logits):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+
+
+def test_offline_llm_takes_vllm_s_tensor_parallel_size(tmp_path_factory):
+    from compiled_serve import LLM
+
+    path = _config_file(tmp_path_factory, "llama-llm", TINY_LLAMA)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(path, load_format="dummy", compile_mode="graph",
+                                                  num_kv_blocks=64, build_cache=False).generate(PROMPTS, greedy)]
+    llm = LLM(path, load_format="dummy", compile_mode="graph", num_kv_blocks=64, build_cache=False,
+              tensor_parallel_size=2)
+    try:
+        assert llm.llm_engine.startup_report()["kv_cache_blocks"] == 64
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy)] == want
+    finally:
+        llm.llm_engine.shutdown()
+    assert all(p.poll() is not None for p in llm.llm_engine.tp.workers)
