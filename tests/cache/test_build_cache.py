@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import make_key
 
 from compiled_serve.cache.build_cache import BuildCache, default_cache_root
+from compiled_serve.cache.build_key import BuildKey
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 2**20
@@ -32,7 +33,7 @@ def test_root_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert default_cache_root() == tmp_path / "home" / ".cache" / "compiled_serve"
 
 
-def test_save_then_load_round_trips_and_reports_size(tmp_path: Path) -> None:
+def test_save_then_load_round_trips_and_reports_size(tmp_path: Path, make_key: Callable[..., BuildKey]) -> None:
     cache = BuildCache(tmp_path, max_bytes=10 * MIB)
     key = make_key()
     assert cache.load(key) is None
@@ -43,7 +44,8 @@ def test_save_then_load_round_trips_and_reports_size(tmp_path: Path) -> None:
     assert "1.0 MiB of" in cache.describe() and "(1 build)" in cache.describe()
 
 
-def test_eviction_keeps_the_bound_and_removes_least_recently_used(tmp_path: Path) -> None:
+def test_eviction_keeps_the_bound_and_removes_least_recently_used(tmp_path: Path,
+                                                                  make_key: Callable[..., BuildKey]) -> None:
     cache = BuildCache(tmp_path, max_bytes=int(2.5 * MIB))
     a, b, c = (make_key(dtype=d) for d in ("float32", "float16", "bfloat16"))
     cache.save(a, _blob(MIB, 1))
@@ -59,7 +61,8 @@ def test_eviction_keeps_the_bound_and_removes_least_recently_used(tmp_path: Path
     assert sorted(e.digest for e in cache.entries()) == sorted([a.digest(), c.digest()])
 
 
-def test_the_build_just_saved_survives_a_bound_smaller_than_itself(tmp_path: Path) -> None:
+def test_the_build_just_saved_survives_a_bound_smaller_than_itself(tmp_path: Path,
+                                                                   make_key: Callable[..., BuildKey]) -> None:
     cache = BuildCache(tmp_path, max_bytes=MIB // 2)
     old, new = make_key(dtype="float32"), make_key(dtype="float16")
     cache.save(old, _blob(MIB))
@@ -67,7 +70,7 @@ def test_the_build_just_saved_survives_a_bound_smaller_than_itself(tmp_path: Pat
     assert [e.digest for e in cache.entries()] == [new.digest()]
 
 
-def test_a_tampered_entry_is_a_miss_and_is_discarded(tmp_path: Path) -> None:
+def test_a_tampered_entry_is_a_miss_and_is_discarded(tmp_path: Path, make_key: Callable[..., BuildKey]) -> None:
     cache = BuildCache(tmp_path)
     key = make_key()
     path = cache.save(key, _blob(1024))
@@ -79,13 +82,13 @@ def test_a_tampered_entry_is_a_miss_and_is_discarded(tmp_path: Path) -> None:
 
 
 _WRITER = """
-import sys
-sys.path.insert(0, {tests!r})
-from conftest import make_key
 from compiled_serve.cache.build_cache import BuildCache
+from compiled_serve.cache.build_key import BuildKey
 cache = BuildCache({root!r}, max_bytes={bound})
 for i in range(6):
-    key = make_key(dtype="float32", buckets=(1, 2, 4, 8 + i))
+    key = BuildKey(model_config={{"layers": 2}}, weight_fingerprint="w", passes=(("p", "u"),), buckets=(1, 2, 4 + i),
+                   dtype="float32", device_capability="cpu:x86_64-avx2", torch_version="2.13.0", triton_version=None,
+                   compile_mode="graph")
     cache.save(key, {{"blob.bin": bytes([i]) * {size}}})
     build = cache.load(key)
     assert build is None or build.artifacts["blob.bin"] == bytes([i]) * {size}
@@ -95,7 +98,7 @@ for i in range(6):
 def test_two_processes_saving_and_evicting_leave_a_sound_cache(tmp_path: Path) -> None:
     """Both write the same six keys (same key, same bytes) under a bound that forces eviction."""
     size, bound = 256 * 1024, 3 * 256 * 1024 + 64 * 1024
-    code = _WRITER.format(tests=str(Path(__file__).parent), root=str(tmp_path), bound=bound, size=size)
+    code = _WRITER.format(root=str(tmp_path), bound=bound, size=size)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
