@@ -2,7 +2,8 @@
 process (as `serve` runs it, so the spec crosses msgpack): chat `response_format` json_schema
 (strict) and json_object, and the completions extras (guided_regex, guided_choice,
 guided_grammar, structured_outputs), every output checked independently (jsonschema,
-re.fullmatch); then the hostile specs, each a 400 naming the field within a bounded time, with a
+re.fullmatch), 50 samples per schema, regex, choice and grammar in the heavy tests; then the
+hostile specs, each a 400 naming the field within a bounded time, with a
 normal request served right after."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -69,6 +71,39 @@ def test_completion_extras_constrain_the_text(client: openai.OpenAI, extra: dict
     response = client.completions.create(model=MODEL, prompt=PROMPT, temperature=1.0, n=4, max_tokens=120,
                                          extra_body=extra)
     for choice in response.choices:
+        assert choice.finish_reason == "stop" and check(choice.text), choice
+
+
+def _fifty(create) -> list:
+    """52 choices at temperature 1.0: 13 concurrent requests (the engine batches them) of n=4."""
+    with ThreadPoolExecutor(13) as pool:
+        responses = list(pool.map(lambda seed: create(seed=seed, n=4, temperature=1.0), range(13)))
+    return [choice for response in responses for choice in response.choices]
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_fifty_chat_outputs_per_schema_validate(client: openai.OpenAI, name: str) -> None:
+    choices = _fifty(lambda **sampling: client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=160, **sampling,
+        response_format={"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name],
+                                                                 "strict": True}}))
+    for choice in choices:
+        assert choice.finish_reason == "stop", choice
+        assert_valid_json(choice.message.content, SCHEMAS[name])
+    assert len({choice.message.content for choice in choices}) > 1  # temperature 1.0 really samples
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize(("extra", "check"), [
+    ({"guided_regex": REGEX}, lambda text: re.fullmatch(REGEX, text)),
+    ({"guided_choice": CHOICES}, lambda text: text in CHOICES),
+    ({"guided_grammar": LARK}, lambda text: LARK_OUTPUT.fullmatch(text)),
+], ids=["regex", "choice", "lark"])
+def test_fifty_completions_per_regex_choice_and_grammar(client: openai.OpenAI, extra: dict, check) -> None:
+    choices = _fifty(lambda **sampling: client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=120, extra_body=extra, **sampling))
+    for choice in choices:
         assert choice.finish_reason == "stop" and check(choice.text), choice
 
 
