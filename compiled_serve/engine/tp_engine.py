@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,11 @@ class TensorParallelWorkerError(CompiledServeError):
     """A tensor-parallel worker died or a collective failed: the engine cannot step any more."""
 
 
+WORKER_MODULE = "compiled_serve.engine.tp_worker"
+#: How long rank 0 waits for every worker to reach the rendezvous (interpreter and torch import).
+JOIN_TIMEOUT_S = 120.0
+
+
 class TensorParallelDriver:
     def __init__(self, config: EngineConfig, device: torch.device):
         from compiled_serve.engine.tp_worker import init_group
@@ -64,7 +70,7 @@ class TensorParallelDriver:
         self.workers: list[subprocess.Popen] = []
         for rank in range(1, self.size):
             proc = subprocess.Popen(
-                [sys.executable, "-m", "compiled_serve.engine.tp_worker", "--rank", str(rank),
+                [sys.executable, "-m", WORKER_MODULE, "--rank", str(rank),
                  "--world-size", str(self.size), "--store", store], stdin=subprocess.PIPE, env=env)
             assert proc.stdin is not None
             proc.stdin.write(text.encode())
@@ -73,12 +79,30 @@ class TensorParallelDriver:
         self.failed: str | None = None
         self._finalizer = weakref.finalize(self, _reap, self.workers, self._dir)
         try:
+            self._wait_for_workers()
             init_group(0, self.size, store, device)
         except Exception:
             self.shutdown()
             raise
         logger.info("tensor parallel: %d ranks (%s), workers %s", self.size, dist.get_backend(),
                     [p.pid for p in self.workers])
+
+    def _wait_for_workers(self) -> None:
+        """Until every worker has said it is joining (a file `joining.R` beside the store): a worker
+        that dies before the rendezvous is an error now, not a rendezvous timeout later."""
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        waiting = dict(enumerate(self.workers, start=1))
+        while waiting:
+            for rank, proc in list(waiting.items()):
+                if os.path.exists(os.path.join(self._dir, f"joining.{rank}")):
+                    del waiting[rank]
+                elif proc.poll() is not None:
+                    self.failed = f"tensor-parallel worker rank {rank} exited with code {proc.returncode} before joining"
+                    raise TensorParallelWorkerError(self.failed + " (its error is on stderr)")
+            if waiting and time.monotonic() > deadline:
+                raise TensorParallelWorkerError(f"tensor-parallel workers {sorted(waiting)} did not start in "
+                                                f"{JOIN_TIMEOUT_S:.0f} s")
+            time.sleep(0.05)
 
     # ------------------------------------------------------------ set-up
     def load_model(self, dtype: torch.dtype) -> Any:

@@ -85,6 +85,7 @@ def serve_rank(rank: int, world_size: int, store_path: str, config) -> None:
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
     dtype = resolve_dtype(config.dtype, device)
+    open(os.path.join(os.path.dirname(store_path), f"joining.{rank}"), "w").close()  # rank 0 waits for it
     init_group(rank, world_size, store_path, device)
     loaded = load_model(config.model, load_format=config.load_format, dtype=dtype, device=device,
                         seed=config.seed, tp=(rank, world_size))

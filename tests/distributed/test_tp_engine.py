@@ -140,3 +140,18 @@ def test_offline_llm_takes_vllm_s_tensor_parallel_size(tmp_path_factory):
     finally:
         llm.llm_engine.shutdown()
     assert all(p.poll() is not None for p in llm.llm_engine.tp.workers)
+
+
+def test_a_worker_that_dies_before_joining_is_a_quick_clear_error(tmp_path_factory, monkeypatch):
+    import time
+
+    import compiled_serve.engine.tp_engine as tp_engine
+
+    monkeypatch.setattr(tp_engine, "WORKER_MODULE", "compiled_serve.engine.no_such_worker")
+    start = time.monotonic()
+    with pytest.raises(TensorParallelWorkerError, match="rank 1 exited with code 1 before joining"):
+        _engine(_config_file(tmp_path_factory, "llama-nojoin", TINY_LLAMA), 2)
+    assert time.monotonic() - start < 30  # not the rendezvous timeout
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
