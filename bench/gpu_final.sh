@@ -3,6 +3,7 @@
 # the chunked threshold search). Usage on the device: bash bench/gpu_final.sh; results under $OUT.
 source bench/device_setup.sh
 export PYTHONUNBUFFERED=1
+[ -d .gputok ] && export COMPILED_SERVE_TEST_SMOLLM2_TOKENIZER=$PWD/.gputok  # the SmolLM2 tokenizer, saved
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider -m gpu -rfEs --timeout=120 tests \

@@ -35,6 +35,9 @@ def _cache_dir(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, 
 def smollm2_tokenizer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """Byte-level BPE tokenizer with the ChatML chat template (SmolLM2-135M-Instruct)."""
     transformers = pytest.importorskip("transformers")
+    carried = os.environ.get("COMPILED_SERVE_TEST_SMOLLM2_TOKENIZER")  # a saved copy (the GPU machine)
+    if carried:
+        return transformers.AutoTokenizer.from_pretrained(carried)
     stat = os.stat(SMOLLM2_GGUF)
     saved = _cache_dir(request.config, tmp_path_factory, f"smollm2-tokenizer-{stat.st_size}-{int(stat.st_mtime)}")
     if (saved / "tokenizer.json").exists():
