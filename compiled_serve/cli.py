@@ -39,7 +39,7 @@ _SERVER_FLAGS: dict[str, type] = {
     "host": str, "port": int, "api_key": str, "max_waiting_requests": int, "retry_after_s": int,
     "max_request_body_bytes": int, "max_header_count": int, "max_header_bytes": int,
     "max_total_header_bytes": int, "chat_template_file": str, "shutdown_timeout_s": float,
-    "tool_call_parser": str, "reasoning_parser": str,
+    "tool_call_parser": str, "reasoning_parser": str, "log_stats_interval_s": float,
 }
 _LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -82,6 +82,8 @@ def _add_serve_parser(commands: Any) -> None:
                             "none: the model's file or directory name")
     serve.add_argument("--allow-request-chat-template", action="store_true",
                        help="let requests supply their own (sandboxed) chat template (default: off)")
+    serve.add_argument("--disable-access-log", action="store_true",
+                       help="no access-log line per request (method, path, status, latency, tokens) (default: off)")
     serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
                        default=ServerConfig.field_defaults()["engine_process"],
                        help="run the engine in its own process, so HTTP and detokenization never hold its "
@@ -130,7 +132,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     served = tuple(args.served_model_names) if args.served_model_names else None
     return ServerConfig(**server_args, served_model_names=served,
                         allow_request_chat_template=args.allow_request_chat_template,
-                        engine_process=args.engine_process)
+                        engine_process=args.engine_process, disable_access_log=args.disable_access_log)
 
 
 def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:

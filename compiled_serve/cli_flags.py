@@ -73,11 +73,13 @@ HELP: dict[str, str] = {
                         "<tool_call>{json}</tool_call>; llama3_json: a bare JSON call; mistral: [TOOL_CALLS][...]",
     "reasoning_parser": "split <think>...</think> reasoning into reasoning_content; deepseek_r1: up to </think> "
                         "is reasoning; qwen3: only after an opening <think>; none: no split",
+    "log_stats_interval_s": "seconds between engine lines (prompt and generation tok/s, running and waiting "
+                            "requests, KV-cache use, prefix-cache hits) while there is work; 0: none",
     "shutdown_timeout_s": "on SIGINT or SIGTERM, seconds in-flight requests get to finish before they are "
                           "aborted (streams then end with an error event and [DONE])",
 }
 
-RENAMED = {"chat_template_file": "--chat-template"}
+RENAMED = {"chat_template_file": "--chat-template", "log_stats_interval_s": "--log-stats-interval"}
 ALIASES = {"shutdown_timeout_s": ("--shutdown-timeout",)}
 
 

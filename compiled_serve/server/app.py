@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -12,12 +13,14 @@ import uvicorn
 from fastapi import FastAPI
 
 from compiled_serve.server import chat, completions, embeddings, routes
+from compiled_serve.server.access_log import AccessLog
 from compiled_serve.server.config import ServerConfig
 from compiled_serve.server.errors import install_error_handlers
 from compiled_serve.server.metrics import ServerMetrics
 from compiled_serve.server.middleware import ApiKeyAuth, BodySizeLimit, HeaderLimits
 from compiled_serve.server.process_loop import open_engine_loop
 from compiled_serve.server.state import ServerState, server_version
+from compiled_serve.server.stats_log import EngineStatsLog
 
 logger = logging.getLogger("compiled_serve.server")
 
@@ -44,8 +47,11 @@ def build_app(config: ServerConfig, *, engine: Any = None, embedder: Any = None,
         raise ValueError("build_app needs exactly one of engine or embedder")
     names = config.served_model_names or (default_served_name(model),)
     state_ref: dict[str, ServerState] = {}
-    metrics = ServerMetrics(lambda: state_ref["state"].engine_loop.stats
-                            if state_ref and state_ref["state"].engine_loop is not None else None)
+    def engine_stats() -> Any:
+        loop = state_ref["state"].engine_loop if state_ref else None
+        return loop.stats if loop is not None else None
+
+    metrics = ServerMetrics(engine_stats, model_name=names[0])
     if engine is not None:
         engine_loop = open_engine_loop(engine, max_waiting_requests=config.max_waiting_requests,
                                        retry_after_s=config.retry_after_s, metrics=metrics)
@@ -67,9 +73,14 @@ def build_app(config: ServerConfig, *, engine: Any = None, embedder: Any = None,
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if state.engine_loop is not None:
             state.engine_loop.start()
+        stats_task = None
+        if state.engine_loop is not None and config.log_stats_interval_s > 0:
+            stats_task = asyncio.create_task(EngineStatsLog(engine_stats, config.log_stats_interval_s).run())
         try:
             yield
         finally:
+            if stats_task is not None:
+                stats_task.cancel()
             if state.engine_loop is not None:
                 await state.engine_loop.shutdown(config.shutdown_timeout_s)
 
@@ -89,6 +100,8 @@ def build_app(config: ServerConfig, *, engine: Any = None, embedder: Any = None,
         app.add_middleware(ApiKeyAuth, api_key=config.api_key)
     app.add_middleware(HeaderLimits, max_count=config.max_header_count, max_header_bytes=config.max_header_bytes,
                        max_total_bytes=config.max_total_header_bytes)
+    if not config.disable_access_log:
+        app.add_middleware(AccessLog)  # outermost: the guards' refusals are logged too
     return app
 
 

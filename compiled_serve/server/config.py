@@ -39,6 +39,10 @@ class ServerConfig:
     # The engine in its own process (msgpack over a pipe), so HTTP, SSE and detokenization never hold
     # its GIL; False: on a thread of the server process (one model load fewer to wait for in tests).
     engine_process: bool = True
+    # Operator logs: one access-log line per request (access_log.py), and an engine throughput line
+    # every this many seconds while there is work (stats_log.py; 0: none).
+    disable_access_log: bool = False
+    log_stats_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -51,6 +55,7 @@ class ServerConfig:
             ("max_total_header_bytes", self.max_total_header_bytes >= self.max_header_bytes,
              "must be >= max_header_bytes"),
             ("shutdown_timeout_s", self.shutdown_timeout_s >= 0, "must be >= 0"),
+            ("log_stats_interval_s", self.log_stats_interval_s >= 0, "must be >= 0"),
             ("api_key", self.api_key is None or len(self.api_key) > 0, "must not be empty"),
             ("tool_call_parser", self.tool_call_parser in TOOL_PARSERS, f"must be one of {sorted(TOOL_PARSERS)}"),
             ("reasoning_parser", self.reasoning_parser is None or self.reasoning_parser in REASONING_PARSERS,

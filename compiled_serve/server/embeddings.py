@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from compiled_serve.errors import InvalidParameterError
+from compiled_serve.server.access_log import count_prompt_tokens
 from compiled_serve.server.errors import APIError
 from compiled_serve.server.protocol import EmbeddingRequest
 from compiled_serve.server.state import get_state
@@ -52,6 +53,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Any:
     assert batch is not None
     vectors = await asyncio.to_thread(embedder.embed_ids, batch)
     num_tokens = sum(len(ids) for ids in batch)
+    count_prompt_tokens(num_tokens)
     state.metrics.e2e_latency.observe(time.monotonic() - arrival)
     return JSONResponse({
         "object": "list",

@@ -2,6 +2,9 @@
 from the latest EngineStats snapshot at scrape time.
 
 Each app has its own CollectorRegistry, so several servers can live in one process (tests).
+Every series carries a `model_name` label (the first served name), as vLLM's do, so one
+dashboard can tell models apart; no `_created` series (they double the output and say only
+when the server started).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -21,8 +25,9 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 class EngineStatsCollector(Collector):
     """Turns the engine's cumulative totals into counters and its instant values into gauges."""
 
-    def __init__(self, snapshot: Callable[[], Any | None]):
+    def __init__(self, snapshot: Callable[[], Any | None], model_name: str):
         self._snapshot = snapshot
+        self._model_name = model_name
 
     def collect(self) -> Iterator[Any]:
         stats = self._snapshot()
@@ -36,7 +41,9 @@ class EngineStatsCollector(Collector):
             ("kv_cache_total_blocks", "KV cache blocks in the pool.", stats.num_total_blocks),
         ]
         for name, doc, value in gauges:
-            yield GaugeMetricFamily(PREFIX + name, doc, value=float(value))
+            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            gauge.add_metric([self._model_name], float(value))
+            yield gauge
         counters = [
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
             ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", stats.prefix_cache_hits),
@@ -45,30 +52,40 @@ class EngineStatsCollector(Collector):
             ("generation_tokens", "Tokens generated.", stats.generation_tokens_total),
         ]
         for name, doc, value in counters:
-            yield CounterMetricFamily(PREFIX + name, doc, value=float(value))
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            counter.add_metric([self._model_name], float(value))
+            yield counter
 
 
 class ServerMetrics:
-    def __init__(self, snapshot: Callable[[], Any | None]):
+    def __init__(self, snapshot: Callable[[], Any | None], model_name: str):
+        # Process-wide in prometheus_client; the server is the only metrics user in its process.
+        prometheus_client.disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.time_to_first_token = Histogram(
-            PREFIX + "time_to_first_token_seconds", "Time from arrival to the first generated token.",
-            registry=self.registry, buckets=_LATENCY_BUCKETS)
-        self.inter_token_latency = Histogram(
-            PREFIX + "inter_token_latency_seconds", "Time between consecutive outputs of a request.",
-            registry=self.registry, buckets=_ITL_BUCKETS)
-        self.e2e_latency = Histogram(
-            PREFIX + "e2e_request_latency_seconds", "Time from arrival to the last token.",
-            registry=self.registry, buckets=_LATENCY_BUCKETS)
-        self.queue_time = Histogram(
-            PREFIX + "request_queue_time_seconds", "Time from arrival until the engine first schedules it.",
-            registry=self.registry, buckets=_LATENCY_BUCKETS)
-        self.requests_finished = Counter(
-            PREFIX + "request_success", "Finished requests by finish reason.", ["finished_reason"],
+        self.model_name = model_name
+        labels = ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(PREFIX + name, doc, labels, registry=self.registry, buckets=buckets).labels(model_name)
+
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Time from arrival to the first generated token.", _LATENCY_BUCKETS)
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds", "Time between consecutive outputs of a request.", _ITL_BUCKETS)
+        self.e2e_latency = histogram(
+            "e2e_request_latency_seconds", "Time from arrival to the last token.", _LATENCY_BUCKETS)
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Time from arrival until the engine first schedules it.", _LATENCY_BUCKETS)
+        self._requests_finished = Counter(
+            PREFIX + "request_success", "Finished requests by finish reason.", ["model_name", "finished_reason"],
             registry=self.registry)
         self.requests_rejected = Counter(
-            PREFIX + "request_rejected", "Requests refused by admission control (503).", registry=self.registry)
-        self.registry.register(EngineStatsCollector(snapshot))
+            PREFIX + "request_rejected", "Requests refused by admission control (503).", labels,
+            registry=self.registry).labels(model_name)
+        self.registry.register(EngineStatsCollector(snapshot, model_name))
+
+    def request_finished(self, reason: str) -> None:
+        self._requests_finished.labels(model_name=self.model_name, finished_reason=reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -102,4 +119,4 @@ class RequestTimer:
             return
         self.metrics.e2e_latency.observe(now - self.arrival)
         for reason in reasons:
-            self.metrics.requests_finished.labels(finished_reason=reason or "unknown").inc()
+            self.metrics.request_finished(reason or "unknown")

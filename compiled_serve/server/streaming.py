@@ -17,6 +17,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from compiled_serve.outputs import CompletionOutput, RequestOutput
+from compiled_serve.server.access_log import count_outputs
 from compiled_serve.server.engine_loop import EngineLoop, RequestStream
 from compiled_serve.server.errors import APIError, error_body
 from compiled_serve.server.protocol import StreamOptions
@@ -76,7 +77,18 @@ class SSEResponse(StreamingResponse):
 
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Fans in several request streams as (stream index, output); closing it closes them all."""
+    """Fans in several request streams as (stream index, output); closing it closes them all.
+    The tokens of each stream's latest output go to the request's access-log line."""
+    latest: dict[int, RequestOutput] = {}
+    try:
+        async for index, output in _merge(streams):
+            latest[index] = output
+            yield index, output
+    finally:
+        count_outputs(latest.values())
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     if len(streams) == 1:
         try:
             async for output in streams[0].outputs():

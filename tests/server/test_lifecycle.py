@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -99,8 +100,12 @@ def test_metrics_record_latencies_and_engine_counters(engine) -> None:
             text = http.get("/metrics").text
     finally:
         server.close()
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    # Every series carries model_name (test_operator_logs checks it); keyed here without it.
+    def without_model_name(series: str) -> str:
+        return re.sub(r',?model_name="[^"]*"', "", re.sub(r'model_name="[^"]*",', "", series)).replace("{}", "")
+
+    values = {without_model_name(line.split(" ")[0]): float(line.split(" ")[1])
+              for line in text.splitlines() if line and not line.startswith("#")}
     assert values["compiled_serve_time_to_first_token_seconds_count"] >= 1
     assert values["compiled_serve_inter_token_latency_seconds_count"] >= 4
     assert values["compiled_serve_e2e_request_latency_seconds_count"] >= 1
