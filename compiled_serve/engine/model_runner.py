@@ -8,8 +8,11 @@ and only the last token of each sequence whose chunk completes it gets logits.
 Decode steps (every sequence adds exactly one token) whose batch fits a bucket replay a CUDA
 graph instead (`cuda_graphs.DecodeGraphs`), once `capture_decode_graphs` ran; everything else
 calls the compiled step, whose token dimension is dynamic, so no batch size ever recompiles.
-A step of one token is padded to MIN_STEP_TOKENS (see buckets.py): dynamo would compile a graph
-of its own for a token count of 1.
+A step of one token is padded to MIN_STEP_TOKENS (see buckets.py) on CUDA: dynamo would compile a
+graph of its own for a token count of 1. Not on the CPU: there a lone decode's matmuls at M = 1
+take MKL's GEMV, and padded to M = 2 its SGEMM, which packs every weight matrix first and runs
+the single-stream step at half the speed (docs/perf-notes.md, "the single-stream regression").
+The CPU step instead marks the token dimension unbacked, so a count of 1 reuses the one graph.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ class ModelRunner:
         device: torch.device,
     ):
         self.model = model
-        self.step_fn = step_fn  # compiled forward(input_ids, positions) -> hidden [T, hidden]
+        # compiled forward(input_ids, positions) -> hidden [T, hidden]
+        self.step_fn = step_fn if device.type == "cuda" else _unbacked_tokens(step_fn)
+        self.min_step_tokens = MIN_STEP_TOKENS if device.type == "cuda" else 1
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -116,7 +121,7 @@ class ModelRunner:
         seq_lens: list[int], qsl: list[int], max_blocks: int,
     ) -> torch.Tensor:
         tables = [s.seq.block_ids + [0] * (max_blocks - len(s.seq.block_ids)) for s in sched.scheduled]
-        pad = max(0, MIN_STEP_TOKENS - len(input_ids))
+        pad = max(0, self.min_step_tokens - len(input_ids))
         if pad:
             # Padding tokens belong to no sequence (they sit past query_start_loc[-1]): slot -1
             # writes no cache entry and attention returns zeros for them; their rows are never read.
@@ -136,3 +141,15 @@ class ModelRunner:
         pos = self._to_device(positions, torch.int64)
         with forward_context(meta):
             return self.step_fn(ids, pos)  # [T, hidden]
+
+
+def _unbacked_tokens(step_fn: Callable) -> Callable:
+    """The step with its token dimension unbacked: dynamo then neither specialises nor guards a
+    count of 1, so one-token steps run the one dynamic graph unpadded."""
+
+    def step(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.decorators.mark_unbacked(input_ids, 0)
+        torch._dynamo.decorators.mark_unbacked(positions, 0)
+        return step_fn(input_ids, positions)
+
+    return step

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compiled_serve.engine.buckets import MIN_STEP_TOKENS, pick_bucket
+from compiled_serve.engine.buckets import pick_bucket
 from compiled_serve.engine.model_runner import ModelRunner
 from compiled_serve.engine.persistent_batch import PersistentBatch, StepPlan
 from compiled_serve.engine.step_sampler import TailInputs, raw_logprobs
@@ -113,7 +113,7 @@ class StepRunner:
             if bucket is not None and (plan.block_tables.shape[1] > graphs.max_blocks_per_seq
                                        or plan.num_seqs > graphs.seqs_for(bucket)):
                 bucket = None
-        pad = (bucket - plan.num_tokens) if bucket is not None else max(0, MIN_STEP_TOKENS - plan.num_tokens)
+        pad = (bucket - plan.num_tokens) if bucket is not None else max(0, self.runner.min_step_tokens - plan.num_tokens)
         ids, pos, slots = plan.input_ids, plan.positions, plan.slots
         if pad:
             # Padding tokens belong to no sequence: slot -1 writes no cache entry; rows never read.
