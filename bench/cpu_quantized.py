@@ -2,6 +2,7 @@
 
     python bench/cpu_quantized.py kernels   # every linear of the embedded model, each layout, M = 1, 2, 16
     python bench/cpu_quantized.py engine    # LLM() single stream per layout (one subprocess each: RSS)
+    python bench/cpu_quantized.py quality   # logit error vs fp32 dequantized, perplexity, per layout
     python bench/cpu_quantized.py all
 
 Workload as bench/cpu_throughput.py: the embedded SmolLM2-135M Q4_1 GGUF, a 19-token prompt,
@@ -23,6 +24,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -147,9 +149,79 @@ def bench_engine(reps: int, layouts: list[str]) -> list[dict]:
     return rows
 
 
+# A fixed text for perplexity (public-domain style prose, ~150 tokens with SmolLM2's tokenizer).
+QUALITY_TEXT = (
+    "The river ran quietly past the old mill, where the miller's daughter kept the accounts and "
+    "fed the geese every morning before school. In the spring the water rose high enough to turn "
+    "the great wheel twice as fast, and the village brought its grain from miles around. She "
+    "wrote each sack in a ledger with a steel pen, the weight, the name of the farmer and the "
+    "price, and at the end of the month she added the columns by candlelight. Her father said "
+    "that numbers never lie, but people sometimes do, and so the ledger was kept in a locked "
+    "drawer beneath the window that looked out over the weir."
+)
+QUALITY_LAYOUTS = ("bf16", "q8b", "int8", "int4")
+
+
+def _quantized_forward(module: torch.nn.Module) -> Callable:
+    """The model's forward with QuantizedLinearPass applied, run as the rewritten graph."""
+    from compiled_serve.passes.quantized_linear import QuantizedLinearPass
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        QuantizedLinearPass()(gm)
+        return gm.forward
+
+    return torch.compile(module.forward, backend=backend, dynamic=True, fullgraph=True)
+
+
+def bench_quality() -> list[dict]:
+    """Per layout, on QUALITY_TEXT (teacher-forced, one prefill): final hidden-state and logit error
+    against the fp32 model on the file's dequantized weights, top-1 agreement, and perplexity."""
+    from compiled_serve.models.default_model import default_model_path
+    from compiled_serve.models.loader import load_model
+    from compiled_serve.models.loaders.gguf_quantized import load_gguf_quantized
+
+    path = default_model_path()
+    ref_model = load_model(path, dtype=torch.float32, device="cpu")
+    ids = torch.tensor(ref_model.tokenizer(QUALITY_TEXT).input_ids)
+    pos = torch.arange(len(ids))
+
+    def measure(hidden: torch.Tensor, logits: torch.Tensor) -> dict:
+        nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:])
+        return {"hidden": hidden, "logits": logits, "ppl": float(torch.exp(nll))}
+
+    with torch.inference_mode():
+        h = ref_model.module(ids, pos)
+        ref = measure(h, ref_model.module.compute_logits(h))
+    del ref_model
+    top2 = ref["logits"].topk(2, dim=-1).values
+    gaps = top2[:, 0] - top2[:, 1]
+    rows = [{"layout": "fp32", "tokens": len(ids), "perplexity": round(ref["ppl"], 3)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for layout in QUALITY_LAYOUTS:
+        loaded = load_gguf_quantized(path, layout)  # bf16 scales: the fast kernels, as served
+        forward = _quantized_forward(loaded.module)
+        with torch.inference_mode():
+            h = forward(ids, pos)
+            got = measure(h, loaded.module.compute_logits(h))
+        dl = (got["logits"] - ref["logits"]).abs()
+        dh = (got["hidden"] - ref["hidden"]).norm(dim=-1) / ref["hidden"].norm(dim=-1)
+        agree = got["logits"].argmax(-1) == ref["logits"].argmax(-1)
+        clear = gaps > 2 * float(dl.max())
+        rows.append({"layout": layout, "tokens": len(ids), "perplexity": round(got["ppl"], 3),
+                     "logit_max_abs_err": round(float(dl.max()), 4), "logit_mean_abs_err": round(float(dl.mean()), 4),
+                     "logit_scale": round(float(ref["logits"].abs().max()), 2),
+                     "hidden_rel_err_max": round(float(dh.max()), 4), "hidden_rel_err_mean": round(float(dh.mean()), 4),
+                     "top1_agreement": round(float(agree.float().mean()), 4),
+                     "top1_agreement_where_gap_exceeds_2x_max_err": bool(agree[clear].all()),
+                     "clear_positions": int(clear.sum())})
+        print(json.dumps(rows[-1]), flush=True)
+    rows.append({"layout": "fp8", "note": "CUDA only (torch._scaled_mm); not measured on this machine"})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kernels", "engine", "all", "child"])
+    ap.add_argument("what", choices=["kernels", "engine", "quality", "all", "child"])
     ap.add_argument("layout", nargs="?")
     ap.add_argument("reps", nargs="?", type=int, default=3)
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="engine runs, comma-separated")
@@ -165,6 +237,8 @@ def main() -> None:
         result["kernels"] = bench_kernels()
     if args.what in ("engine", "all"):
         result["engine"] = bench_engine(args.reps, args.layouts.split(","))
+    if args.what in ("quality", "all"):
+        result["quality"] = bench_quality()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1) + "\n")
 
