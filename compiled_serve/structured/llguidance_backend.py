@@ -21,6 +21,7 @@ from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from compiled_serve.kernels.token_bitmask import bitmask_width
 from compiled_serve.structured.backend import CompiledGrammar, GrammarBackend, GrammarError, GrammarMatcher
+from compiled_serve.structured.closed_objects import close_objects
 from compiled_serve.structured.spec import StructuredOutputsParams
 
 # llguidance's defaults, with the lexer's fuel lowered so a hostile spec fails in well under a
@@ -42,7 +43,7 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
     """llguidance's grammar for a spec (not yet checked)."""
     kind = spec.kind
     if kind == "json":
-        return LLMatcher.grammar_from_json_schema(spec.json, defaults=JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema(close_objects(spec.json), defaults=JSON_OPTIONS)
     if kind == "json_object":
         return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     if kind == "regex":
