@@ -8,4 +8,5 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider -m gpu -rfEs --timeout=120 tests \
   2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+timeout 60 python3 -m pytest -q -p no:cacheprovider -rfEs tests/kernels/test_quantized_fp8.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -5
 timeout ${BENCH_TIMEOUT:-60} python3 bench/sampler_bench.py --out "$OUT" 2>&1 | tee "$OUT/sampler_bench.log" | tail -20
