@@ -9,8 +9,9 @@ Workload as bench/cpu_throughput.py: the embedded SmolLM2-135M Q4_1 GGUF, a 19-t
 128 greedy tokens, 2 threads. The reference is transformers fp32 `generate` on the same
 dequantized weights (its greedy tokens and, per step, the gap between its top two logits: a
 divergence where that gap is small is a near-tie, not an error). Layouts: models/quantized.py.
-The engine runs a layout through `load_gguf_quantized` and QuantizedLinearPass as an extra pass
-(the EngineConfig option is proposed, not wired; see docs/perf-notes.md). Writes
+The engine runs fp32, int8 and int4 through `LLM(quantization=...)` (int4 on this file is what
+`--quantization gguf` serves), and bf16 / q8b, which are layouts but not options, through
+`load_gguf_quantized` with QuantizedLinearPass as an extra pass. Writes
 bench/results/cpu_quantized.json (merging with the sections already there).
 """
 
@@ -102,16 +103,19 @@ def engine_child(layout: str, reps: int) -> dict:
 
     torch.set_num_threads(2)
     extra: tuple[str, ...] = ()
-    if layout != "fp32":
-        original = llm_engine.load_model
+    option = {"fp32": "none", "int8": "int8", "int4": "int4"}.get(layout, "none")
+    if layout in ("bf16", "q8b"):
+        original = llm_engine.load_model_cached
 
-        def load_quantized(model, **kwargs):
-            return load_gguf_quantized(default_model_path(), layout) if model is None else original(model, **kwargs)
+        def load_quantized(config, *args, **kwargs):
+            if config.model is None:
+                return load_gguf_quantized(default_model_path(), layout)
+            return original(config, *args, **kwargs)
 
-        llm_engine.load_model = load_quantized
+        llm_engine.load_model_cached = load_quantized
         extra = (PASS_SPEC,)
     start = time.perf_counter()
-    llm = LLM(max_num_seqs=64, extra_passes=extra)
+    llm = LLM(max_num_seqs=64, extra_passes=extra, quantization=option)
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     llm.generate([PROMPT], params, use_progress=False)
