@@ -7,10 +7,12 @@ which replay fixed shapes: a decode batch of n sequences is padded up to the sma
 >= n, and batches above the largest bucket run the dynamic graph without CUDA graphs.
 
 Default decode buckets follow vLLM/nano-vllm: 2, 4, 8, then every multiple of 8 up to
-`max_num_seqs` (which is always a bucket itself). No step runs with fewer than MIN_STEP_TOKENS
-tokens: dynamo specialises a size of 1 (and Inductor's view lowering guards on it), so a
-one-token step would compile, and keep, a whole second graph. A lone decode is padded to 2
-(its cost is the same: the step reads the same weights).
+`max_num_seqs` (which is always a bucket itself). On CUDA no step runs with fewer than
+MIN_STEP_TOKENS tokens: dynamo specialises a size of 1 (and Inductor's view lowering guards on
+it), so a one-token step would compile, and keep, a whole second graph; a lone decode is padded
+to 2 (on the GPU it reads the same weights, so it costs about the same). On the CPU padding is not
+free (MKL runs a two-row linear as a packing SGEMM instead of a GEMV, ~2x slower), so the CPU step
+marks its token dimension unbacked instead (one graph, no size-1 specialisation) and pads nothing.
 """
 
 from __future__ import annotations
