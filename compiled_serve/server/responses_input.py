@@ -25,12 +25,20 @@ _TEXT_PARTS = ("input_text", "output_text", "text")
 _ROLES = ("user", "system", "developer", "assistant")
 
 
+# Input parts a text model cannot read, and what to call them in the refusal.
+_NO_INPUT = {"input_image": "images", "input_audio": "audio", "input_file": "files"}
+
+
 def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         texts = []
         for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in _NO_INPUT:
+                raise InvalidParameterError("input", f"{where}.content[{i}]: this model takes no "
+                                            f"{_NO_INPUT[kind]}: it reads text only (content part type {kind!r})")
             if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS or not isinstance(part.get("text"), str):
                 raise InvalidParameterError("input", f"{where}.content[{i}]: only text parts "
                                             f"({', '.join(_TEXT_PARTS)}) are supported")

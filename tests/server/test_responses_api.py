@@ -104,6 +104,19 @@ def test_unknown_input_items_are_a_400(client: openai.OpenAI) -> None:
     assert caught.value.body["param"] == "input"
 
 
+@pytest.mark.parametrize("part, what", [
+    ({"type": "input_image", "image_url": "https://example.com/cat.png"}, "images"),
+    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "audio"),
+    ({"type": "input_file", "file_id": "file-1"}, "files"),
+])
+def test_non_text_input_parts_say_the_model_reads_text_only(client: openai.OpenAI, part: dict, what: str) -> None:
+    content = [{"type": "input_text", "text": "What is this?"}, part]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input=[{"role": "user", "content": content}], max_output_tokens=1)
+    assert caught.value.body["param"] == "input"
+    assert f"takes no {what}" in caught.value.body["message"] and "content[1]" in caught.value.body["message"]
+
+
 def test_get_unknown_response_is_a_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve("resp_nope")
