@@ -169,7 +169,7 @@ def test_errors_say_what_is_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         load(str(tmp_path / "nope" / "model.gguf"))
     with pytest.raises(ModelLoadError, match="does not exist"):
         load(str(tmp_path / "nope"))
-    with pytest.raises(ModelLoadError, match=r"no \*\.safetensors weights.*pytorch_model.bin"):
+    with pytest.raises(ModelLoadError, match=r"PyTorch checkpoints \(pytorch_model.bin.*not read: convert them to \*\.safetensors"):
         (tmp_path / "config.json").write_text("{}")
         (tmp_path / "pytorch_model.bin").write_bytes(b"")
         load(str(tmp_path))
