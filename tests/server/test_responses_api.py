@@ -139,7 +139,8 @@ def test_store_is_bounded_in_entries_and_bytes() -> None:
 
 
 def test_streamed_completed_event_is_typed_by_the_client(client: openai.OpenAI) -> None:
-    events = list(client.responses.create(model=MODEL, input="Hi", stream=True))
+    # Bounded: unbounded, a sampled answer can run to the context length (minutes on the CPU).
+    events = list(client.responses.create(model=MODEL, input="Hi", stream=True, max_output_tokens=8))
     completed = events[-1]
     assert isinstance(completed, ResponseCompletedEvent) or completed.type == "response.incomplete"
 
