@@ -58,6 +58,12 @@ class BuildStatus:
     cache: BuildCache | None = None  # set when the build came from (or goes to) the build cache
 
 
+def _install_inductor_cache(build) -> dict[str, list[str]]:
+    """Installs a build's Inductor cache artifact, if it has one; raises InductorArtifactError."""
+    blob = build.artifacts.get(INDUCTOR_CACHE_ARTIFACT)
+    return install_inductor_artifacts(blob) if blob is not None else {}
+
+
 def open_build(config: EngineConfig, key: BuildKey, cache: BuildCache | None) -> BuildStatus | None:
     """What the engine loads before its first compile: the build of `config.build_dir` (the policy
     above), else the build cache's entry for `key`, else nothing (None: no cache, no directory)."""
@@ -71,16 +77,13 @@ def open_build(config: EngineConfig, key: BuildKey, cache: BuildCache | None) ->
         logger.info("build cache: no build %s in %s yet; compiling (stored for the next start)",
                     digest[:12], cache.root)
         return BuildStatus(False, f"cache miss: compiled, stored as {digest[:12]}", digest, cache=cache)
-    blob = build.artifacts.get(INDUCTOR_CACHE_ARTIFACT)
-    installed: dict[str, list[str]] = {}
-    if blob is not None:
-        try:
-            installed = install_inductor_artifacts(blob)
-        except InductorArtifactError as exc:
-            logger.warning("build cache: discarding build %s: %s", digest[:12], exc)
-            cache.discard(digest)
-            return BuildStatus(False, f"cache miss (unreadable entry): compiled, stored as {digest[:12]}",
-                               digest, cache=cache)
+    try:
+        installed = _install_inductor_cache(build)
+    except InductorArtifactError as exc:
+        logger.warning("build cache: discarding build %s: %s", digest[:12], exc)
+        cache.discard(digest)
+        return BuildStatus(False, f"cache miss (unreadable entry): compiled, stored as {digest[:12]}",
+                           digest, cache=cache)
     n = len(build.artifacts)
     logger.info("build %s loaded from the build cache %s: %d artifacts", digest[:12], cache.root, n)
     return BuildStatus(True, f"cache hit: build {digest[:12]} loaded ({n} artifacts)", digest, n, installed,
@@ -111,13 +114,10 @@ def load_build(build_dir: str | Path, key: BuildKey, fallback: str = "refuse") -
                 "--build-fallback compile (EngineConfig.build_fallback='compile') to compile at start-up instead")
         logger.warning("no matching build in %s (%s): compiling from scratch", build_dir, why)
         return BuildStatus(False, f"no matching build: {why}")
-    blob = build.artifacts.get(INDUCTOR_CACHE_ARTIFACT)
-    installed: dict[str, list[str]] = {}
-    if blob is not None:
-        try:
-            installed = install_inductor_artifacts(blob)
-        except InductorArtifactError as exc:
-            raise BuildRefusedError(f"refusing build {digest[:12]} in {build_dir}: {exc}") from exc
+    try:
+        installed = _install_inductor_cache(build)
+    except InductorArtifactError as exc:
+        raise BuildRefusedError(f"refusing build {digest[:12]} in {build_dir}: {exc}") from exc
     n = len(build.artifacts)
     logger.info("build %s loaded from %s: %d artifacts", digest[:12], build_dir, n)
     return BuildStatus(True, f"build {digest[:12]} loaded: {n} artifacts", digest, n, installed)
