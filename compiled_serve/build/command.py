@@ -3,12 +3,14 @@
     compiled-serve compile [--model] M [--buckets 2,4,8] [--dtype D] [--pass SPEC] [--disable-pass NAME]
                            --build-dir DIR [--explain]    # --out DIR: deprecated spelling
     compiled-serve compile --model M ... --verify DIR      # recompile, compare manifests (CI)
+    compiled-serve compile --model M --tensor-parallel-size N --build-dir DIR   # one build per rank
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from compiled_serve.cli_flags import add_fields, add_positional_model
@@ -19,7 +21,7 @@ from compiled_serve.engine.buckets import parse_buckets
 COMPILE_FLAGS: dict[str, type] = {
     "model": str, "load_format": str, "dtype": str, "quantization": str, "device": str, "seed": int, "block_size": int,
     "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int, "num_kv_blocks": int,
-    "gpu_memory_utilization": float, "compile_mode": str,
+    "gpu_memory_utilization": float, "compile_mode": str, "tensor_parallel_size": int,
 }
 
 
@@ -82,7 +84,12 @@ def run_compile(args: argparse.Namespace) -> int:
         return 1
     result = compile_build(config, args.build_dir, show_progress=args.progress)
     report = result.report
-    print(f"compiled-serve: build {result.key.digest()[:12]} saved to {result.path}")
+    print(f"compiled-serve: build {result.key.digest()[:12]} saved to {result.path}"
+          + (" (tensor-parallel rank 0)" if result.rank_builds else ""))
+    for rank_build in result.rank_builds:
+        print(f"compiled-serve: tensor-parallel rank {rank_build['rank']}: build {os.path.basename(rank_build['path'])[:12]} "
+              f"saved to {rank_build['path']} (manifest {rank_build['manifest_hash'][:12]}, "
+              f"{rank_build['num_artifacts']} artifacts)")
     print(f"  manifest {result.manifest_hash[:12]}, {len(result.artifacts)} artifacts, "
           f"{report['artifact_bytes'] / 2**20:.1f} MiB")
     print(f"  load {report['load_seconds']:.1f}s, compile {report['compile_seconds']:.1f}s, "

@@ -26,6 +26,7 @@ from typing import Any
 
 from compiled_serve.build.progress import CompileProgress
 from compiled_serve.build.reproducible import normalize_cache_blob
+from compiled_serve.build.tp_builds import recording_worker_builds, verify_rank_builds
 from compiled_serve.cache import ArtifactStore, BuildKey, Manifest
 from compiled_serve.cache.build_key import canonical_json
 from compiled_serve.cache.inductor_artifacts import (
@@ -51,6 +52,8 @@ class CompileResult:
     artifacts: dict[str, bytes]
     report: dict[str, Any]
     log: list[str]
+    # Tensor parallel: the workers' own builds (rank, path, key, manifest_hash), beside rank 0's.
+    rank_builds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def manifest_hash(self) -> str:
@@ -103,7 +106,7 @@ def build_artifacts(config: EngineConfig, progress: CompileProgress) -> tuple[An
 
     from compiled_serve.engine.llm_engine import LLMEngine
 
-    with fresh_inductor_cache(config), recording_compile_artifacts():
+    with fresh_inductor_cache(config), recording_compile_artifacts(), recording_worker_builds():
         torch._dynamo.reset()
         engine = LLMEngine(dataclasses.replace(config, build_dir=None), on_progress=progress.update)
         artifacts = capture_inductor_artifacts()
@@ -131,9 +134,13 @@ def compile_build(config: EngineConfig, out_dir: str | Path, show_progress: bool
         }
         progress.update("saving build")
         path = ArtifactStore(out_dir).save(key, artifacts, report=report)
+        try:
+            rank_builds = engine.tp.save_worker_builds(str(out_dir)) if engine.tp is not None else []
+        finally:
+            engine.shutdown()
     manifest = Manifest.build(key, artifacts, report)
     del engine
-    return CompileResult(path, key, manifest, artifacts, report, progress.lines)
+    return CompileResult(path, key, manifest, artifacts, report, progress.lines, rank_builds)
 
 
 def verify_build(config: EngineConfig, build_dir: str | Path, show_progress: bool = True) -> tuple[bool, list[str]]:
@@ -149,10 +156,11 @@ def verify_build(config: EngineConfig, build_dir: str | Path, show_progress: boo
         differences = ArtifactStore(build_dir).explain_miss(fresh.key)
         raise BuildVerifyError(f"no build of these inputs in {build_dir}"
                                + (f" ({'; '.join(differences)})" if differences else ""))
-    if stored.manifest.hash() == fresh.manifest_hash:
+    rank_differences = verify_rank_builds(fresh.rank_builds, build_dir)
+    if stored.manifest.hash() == fresh.manifest_hash and not rank_differences:
         return True, []
     ours = {a.name: a for a in fresh.manifest.artifacts}
     theirs = {a.name: a for a in stored.manifest.artifacts}
     differences = [f"{name}: {'missing in stored build' if name not in theirs else 'missing in recompile' if name not in ours else 'bytes differ'}"
                    for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
-    return False, differences
+    return False, differences + rank_differences

@@ -14,10 +14,15 @@ process, which is also rank 0. `TensorParallelDriver`:
   - checks before every broadcast that every worker is alive. A dead worker (or a failed
     collective) raises `TensorParallelWorkerError`; the engine is then failed for good.
   - `shutdown()` (also at exit and when the engine is collected) stops and reaps every worker.
+  - builds (build/tp_builds.py): each worker loads its own rank's build from `build_dir`; under
+    `compile` (`recording_worker_builds`) the workers record theirs and save it on SAVE_BUILD.
+    A worker that fails writes its error to `error.R` beside the store; rank 0 raises it (a
+    refused build as the `BuildRefusedError` it is).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,6 +39,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from compiled_serve.build.loading import BuildMismatchError, BuildRefusedError
+from compiled_serve.build.tp_builds import workers_record_builds
 from compiled_serve.config import EngineConfig
 from compiled_serve.engine import tp_protocol as proto
 from compiled_serve.errors import CompiledServeError, InvalidParameterError
@@ -50,6 +57,12 @@ class TensorParallelWorkerError(CompiledServeError):
 WORKER_MODULE = "compiled_serve.engine.tp_worker"
 #: How long rank 0 waits for every worker to reach the rendezvous (interpreter and torch import).
 JOIN_TIMEOUT_S = 120.0
+#: After a failed collective, how long rank 0 waits for the worker that caused it to exit (so the
+#: error names that worker and its own error, not just "a collective failed").
+EXIT_GRACE_S = 5.0
+#: The errors a worker's `error.R` may name that rank 0 raises as themselves.
+_WORKER_ERRORS: dict[str, type[CompiledServeError]] = {"BuildMismatchError": BuildMismatchError,
+                                                       "BuildRefusedError": BuildRefusedError}
 
 
 class TensorParallelDriver:
@@ -67,11 +80,12 @@ class TensorParallelDriver:
         if device.type == "cpu":  # ranks share the cores; each its share of threads
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.size)))
         text = json.dumps(dataclasses.asdict(config))
+        record = ["--record-build"] if workers_record_builds() else []
         self.workers: list[subprocess.Popen] = []
         for rank in range(1, self.size):
             proc = subprocess.Popen(
                 [sys.executable, "-m", WORKER_MODULE, "--rank", str(rank),
-                 "--world-size", str(self.size), "--store", store], stdin=subprocess.PIPE, env=env)
+                 "--world-size", str(self.size), "--store", store, *record], stdin=subprocess.PIPE, env=env)
             assert proc.stdin is not None
             proc.stdin.write(text.encode())
             proc.stdin.close()
@@ -98,7 +112,7 @@ class TensorParallelDriver:
                     del waiting[rank]
                 elif proc.poll() is not None:
                     self.failed = f"tensor-parallel worker rank {rank} exited with code {proc.returncode} before joining"
-                    raise TensorParallelWorkerError(self.failed + " (its error is on stderr)")
+                    raise TensorParallelWorkerError(self.failed + self._worker_error_text(rank))
             if waiting and time.monotonic() > deadline:
                 raise TensorParallelWorkerError(f"tensor-parallel workers {sorted(waiting)} did not start in "
                                                 f"{JOIN_TIMEOUT_S:.0f} s")
@@ -133,6 +147,36 @@ class TensorParallelDriver:
 
     def setup(self, num_blocks: int) -> None:
         self._send([proto.SETUP, num_blocks])
+
+    def worker_build_messages(self) -> list[str]:
+        """What each worker did with its build ("rank 1: build ab12.. loaded: 1 artifacts"), once
+        the workers have stepped (each writes `build.R` before its first step)."""
+        out = []
+        for rank in range(1, self.size):
+            path = os.path.join(self._dir, f"build.{rank}")
+            if os.path.exists(path):
+                with open(path) as f:
+                    out.append(f"rank {rank}: {f.read().strip()}")
+        return out
+
+    def save_worker_builds(self, out_dir: str) -> list[dict[str, Any]]:
+        """`compile`: every worker saves the build it recorded into `out_dir`; their answers
+        (rank, path, key, manifest_hash), or a `TensorParallelWorkerError` naming what failed."""
+        path = os.fsencode(os.path.abspath(out_dir))
+        for rank in range(1, self.size):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self._dir, f"saved.{rank}"))
+        self._send([proto.SAVE_BUILD, len(path)], torch.frombuffer(bytearray(path), dtype=torch.uint8).to(self.device))
+        self._guarded(dist.barrier)
+        answers = []
+        for rank in range(1, self.size):
+            with open(os.path.join(self._dir, f"saved.{rank}")) as f:
+                answer = json.load(f)
+            if "error" in answer:
+                raise TensorParallelWorkerError(f"tensor-parallel worker rank {rank} could not save its build: "
+                                                f"{answer['error']}")
+            answers.append(answer)
+        return answers
 
     def wrap(self, model: torch.nn.Module, step_fn: Callable) -> Callable:
         """The step that mirrors itself to the workers; `model.compute_logits` becomes the sharded one."""
@@ -170,17 +214,42 @@ class TensorParallelDriver:
         except TensorParallelWorkerError:
             raise
         except (RuntimeError, dist.DistError) as e:  # a peer went away mid-collective
+            self._wait_for_an_exit(EXIT_GRACE_S)
             self.check_alive()
             self.failed = f"a tensor-parallel collective failed: {e}"
             self._finalizer()
             raise TensorParallelWorkerError(self.failed) from e
+
+    def _wait_for_an_exit(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and all(p.poll() is None for p in self.workers):
+            time.sleep(0.05)
+
+    def _worker_error(self, rank: int) -> dict[str, str] | None:
+        """What a failed worker wrote to `error.R` ({"kind": class name, "message": text}), if anything."""
+        try:
+            with open(os.path.join(self._dir, f"error.{rank}")) as f:
+                found = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) else None
+
+    def _worker_error_text(self, rank: int) -> str:
+        found = self._worker_error(rank)
+        return f": {found.get('kind')}: {found.get('message')}" if found else " (its error is on stderr)"
 
     def check_alive(self) -> None:
         if self.failed is None:
             for rank, proc in enumerate(self.workers, start=1):
                 code = proc.poll()
                 if code is not None:
-                    self.failed = f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code {code}"
+                    found = self._worker_error(rank)
+                    self.failed = (f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code {code}"
+                                   + self._worker_error_text(rank))
+                    error = _WORKER_ERRORS.get(found.get("kind", "")) if found else None
+                    if error is not None:  # the worker's own typed error, as rank 0's would be
+                        self._finalizer()
+                        raise error(f"tensor-parallel rank {rank}: {found.get('message')}")
                     break
         if self.failed is not None:
             self._finalizer()  # the other workers are of no use now: kill and reap them (no zombies)

@@ -9,6 +9,9 @@ ops, one payload tensor whose shape the header gives:
           | block_tables [S, W]
   LOGITS  [LOGITS, n, hidden]                                  then the n hidden rows [n, hidden]
           rank 0 samples from (the hidden state is the same on every rank after the all-reduce)
+  SAVE_BUILD [SAVE_BUILD, n]                                   then uint8 [n]: a build directory (utf-8);
+          each worker saves its recorded build there (build/tp_builds.py), answers in a file
+          `saved.R` beside the store, and joins a barrier
   STOP    [STOP]                                               the workers exit
 
 Nothing comes back: every rank runs the step and joins the collectives inside the compiled graph;
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-SETUP, STEP, LOGITS, STOP = 1, 2, 3, 4
+SETUP, STEP, LOGITS, STOP, SAVE_BUILD = 1, 2, 3, 4, 5
 HEADER_LEN = 6
 
 

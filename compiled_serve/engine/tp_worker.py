@@ -1,20 +1,27 @@
 """A tensor-parallel worker: one process per rank > 0, started by rank 0 (engine/tp_engine.py).
 
-    python -m compiled_serve.engine.tp_worker --rank R --world-size N --store PATH   < config.json
+    python -m compiled_serve.engine.tp_worker --rank R --world-size N --store PATH [--record-build]  < config.json
 
 It reads the EngineConfig as JSON on stdin (never pickle), joins the process group through the
 FileStore at PATH, loads only its shards, compiles the same sharded step as rank 0, and then
 mirrors rank 0's steps (tp_protocol.py) until STOP. It dies with its parent (PR_SET_PDEATHSIG,
 and a watchdog on the parent pid), so a crashed engine leaves no worker behind.
+
+Builds (build/tp_builds.py): with `build_dir` set it loads its own rank's build before its first
+compile (and says what it did in `build.R` beside the store); with --record-build (`compile`) it
+compiles in a fresh Inductor cache while torch records, and saves its build on SAVE_BUILD. An error
+that stops it is written to `error.R` ({"kind", "message"}) for rank 0 to raise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -68,8 +75,30 @@ def config_from_json(text: str):  # -> EngineConfig
     return EngineConfig(**raw)
 
 
+@contextlib.contextmanager
+def recording_rank_build(rank: int):
+    """`compile`: an empty Inductor cache of this rank's own (a path that depends on the build's
+    inputs alone, as `fresh_inductor_cache`'s does: torch writes it into its artifacts), and torch
+    recording what this process compiles."""
+    import tempfile
+
+    from compiled_serve.cache.inductor_artifacts import recording_compile_artifacts
+
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "compiled-serve-build")
+    root = f"{base}-rank{rank}"
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = root
+    try:
+        with recording_compile_artifacts():
+            yield
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @torch.inference_mode()
 def serve_rank(rank: int, world_size: int, store_path: str, config) -> None:
+    from compiled_serve.build.tp_builds import open_rank_build, rank_build_key, save_rank_build
     from compiled_serve.engine import tp_protocol as proto
     from compiled_serve.engine.device import resolve_device, resolve_dtype
     from compiled_serve.engine.kv_cache import allocate_kv_cache
@@ -93,7 +122,12 @@ def serve_rank(rank: int, world_size: int, store_path: str, config) -> None:
     manager = with_tensor_parallel(default_pass_manager(extra=list(config.extra_passes),
                                                         disabled=list(config.disabled_passes),
                                                         device=device.type), rank, world_size)
-    step_fn, _ = compile_model(loaded.module, mode=config.compile_mode, passes=manager)
+    here = os.path.dirname(store_path)
+    key = rank_build_key(config, mc, loaded.weight_fingerprint, manager, dtype, device, rank, world_size)
+    status = open_rank_build(config, key, None)  # raises if this rank's build is refused
+    with open(os.path.join(here, f"build.{rank}"), "w") as f:
+        f.write(status.message if status is not None else "no build_dir (compiled)")
+    step_fn, step_report = compile_model(loaded.module, mode=config.compile_mode, passes=manager)
     logits_fn, _ = compile_logits(loaded.module, rank, world_size, mode=config.compile_mode)
     kv_heads = head_split(mc.num_heads, mc.num_kv_heads, rank, world_size).num_kv_heads
     caches: list[torch.Tensor] = []
@@ -119,6 +153,16 @@ def serve_rank(rank: int, world_size: int, store_path: str, config) -> None:
             rows = torch.empty((a, b), dtype=dtype, device=device)
             dist.broadcast(rows, src=0)
             logits_fn(rows)  # joins the vocabulary gather; rank 0 samples
+        elif op == proto.SAVE_BUILD:
+            path = torch.empty(a, dtype=torch.uint8, device=device)
+            dist.broadcast(path, src=0)
+            try:
+                answer = save_rank_build(os.fsdecode(bytes(path.cpu().tolist())), key, step_report, rank)
+            except Exception as exc:  # noqa: BLE001  (rank 0 raises it; this rank can still step)
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            with open(os.path.join(here, f"saved.{rank}"), "w") as f:
+                json.dump(answer, f)
+            dist.barrier()
         else:
             raise RuntimeError(f"tensor-parallel worker {rank}: unknown op {op}")
 
@@ -128,12 +172,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--store", required=True)
+    parser.add_argument("--record-build", action="store_true", help="record this rank's build (compile)")
     args = parser.parse_args(argv)
     die_with_parent()
     logging.basicConfig(level=logging.WARNING, format=f"[tp rank {args.rank}] %(levelname)s %(message)s")
     config = config_from_json(sys.stdin.read())
     try:
-        serve_rank(args.rank, args.world_size, args.store, config)
+        with recording_rank_build(args.rank) if args.record_build else contextlib.nullcontext():
+            serve_rank(args.rank, args.world_size, args.store, config)
+    except Exception as exc:
+        with open(os.path.join(os.path.dirname(args.store), f"error.{args.rank}"), "w") as f:
+            json.dump({"kind": type(exc).__name__, "message": str(exc)}, f)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
