@@ -21,6 +21,7 @@ CHOICES: dict[str, Sequence[str]] = {
     "quantization": engine_config._QUANTIZATIONS,
     "device": engine_config._DEVICES, "compile_mode": engine_config._COMPILE_MODES,
     "build_fallback": engine_config._BUILD_FALLBACKS, "scheduling": engine_config._SCHEDULING,
+    "structured_outputs_backend": engine_config._STRUCTURED_OUTPUTS_BACKENDS,
     "tool_call_parser": sorted(TOOL_PARSERS), "reasoning_parser": sorted(REASONING_PARSERS),
 }
 
@@ -58,6 +59,9 @@ HELP: dict[str, str] = {
                       "compile (and use the directory as a cache)",
     "build_cache_gib": "bound of the build cache in GiB; beyond it the least recently used builds are removed",
     "scheduling": "async: launch step N+1 while step N runs; sync: one step at a time; legacy: the old path",
+    "structured_outputs_backend": "grammar library of response_format, structured_outputs and forced tool calls; "
+                                  "auto, guidance, llguidance: llguidance; xgrammar: the optional extra "
+                                  "(pip install 'compiled-serve[xgrammar]')",
     "host": "address to listen on; 127.0.0.1: this machine only; 0.0.0.0: every interface (set --api-key)",
     "port": "TCP port to listen on; 0: any free port",
     "api_key": "require 'Authorization: Bearer KEY' on every endpoint but /health; "
@@ -80,7 +84,9 @@ HELP: dict[str, str] = {
 }
 
 RENAMED = {"chat_template_file": "--chat-template", "log_stats_interval_s": "--log-stats-interval"}
-ALIASES = {"shutdown_timeout_s": ("--shutdown-timeout",)}
+ALIASES = {"shutdown_timeout_s": ("--shutdown-timeout",),
+           # vLLM's current spelling, and its older one.
+           "structured_outputs_backend": ("--structured-outputs-config.backend", "--guided-decoding-backend")}
 
 
 def flag(name: str) -> str:

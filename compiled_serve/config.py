@@ -16,6 +16,9 @@ _DEVICES = ("auto", "cpu", "cuda")
 _COMPILE_MODES = ("inductor", "graph")
 _SCHEDULING = ("async", "sync", "legacy")
 _BUILD_FALLBACKS = ("refuse", "compile")
+_EXECUTOR_BACKENDS = ("uni", "mp")  # vLLM's names of the two it shares with us
+# Grammar backends (compiled_serve/structured/compiler.py): vLLM's names, auto and guidance = llguidance.
+_STRUCTURED_OUTPUTS_BACKENDS = ("auto", "guidance", "llguidance", "xgrammar")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,11 @@ class EngineConfig:
     # Tensor parallelism: ranks (processes) the model is sharded over by TensorParallelPass; the
     # engine is rank 0 and starts a worker per other rank (gloo on CPU, NCCL on CUDA, on loopback).
     tensor_parallel_size: int = 1
+    # vLLM's name. "uni": the model runs in the engine's process (TP=1 only); "mp": through the
+    # tensor-parallel driver (engine/tp_engine.py), which at TP=1 starts no worker but runs the
+    # worker path's protocol (a process group of one): how W3 compares the two. None: uni at
+    # TP=1, mp above.
+    distributed_executor_backend: str | None = None
     # Sampling caps.
     max_logprobs: int = 20
     max_n: int = 16
@@ -74,6 +82,9 @@ class EngineConfig:
     # start of the same settings loads instead of compiling; bounded by build_cache_gib (LRU).
     build_cache: bool = True
     build_cache_gib: float = 4.0
+    # Which grammar library compiles structured-output constraints (vLLM's
+    # `--structured-outputs-config.backend`): auto/guidance/llguidance, or xgrammar (an optional extra).
+    structured_outputs_backend: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -93,6 +104,10 @@ class EngineConfig:
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 1, "must be >= 1"),
             ("tensor_parallel_size", isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
              "must be an int >= 1"),
+            ("distributed_executor_backend", self.distributed_executor_backend in (None, *_EXECUTOR_BACKENDS),
+             f"must be one of {_EXECUTOR_BACKENDS} or None"),
+            ("distributed_executor_backend", self.distributed_executor_backend != "uni" or self.tensor_parallel_size == 1,
+             "'uni' runs one rank: it takes tensor_parallel_size 1"),
             ("max_logprobs", self.max_logprobs >= 0, "must be >= 0"),
             ("max_n", self.max_n >= 1, "must be >= 1"),
             ("cuda_graph_buckets", self.cuda_graph_buckets is None or (
@@ -103,6 +118,8 @@ class EngineConfig:
             ("build_fallback", self.build_fallback == "refuse" or self.build_dir is not None,
              "only applies with build_dir"),
             ("build_cache_gib", self.build_cache_gib > 0, "must be > 0"),
+            ("structured_outputs_backend", self.structured_outputs_backend in _STRUCTURED_OUTPUTS_BACKENDS,
+             f"must be one of {_STRUCTURED_OUTPUTS_BACKENDS}"),
         ]
         for name, ok, message in checks:
             if not ok:

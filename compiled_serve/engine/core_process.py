@@ -73,7 +73,8 @@ def ready_message(engine: Any) -> dict[str, Any]:
         "type": "ready",
         "model": {"max_model_len": engine.max_model_len, "vocab_size": engine.model_config.vocab_size,
                   "max_logprobs": engine.config.max_logprobs, "max_n": engine.config.max_n,
-                  "chat_template": engine.chat_template, "startup_report": engine.startup_report()},
+                  "chat_template": engine.chat_template, "startup_report": engine.startup_report(),
+                  "structured_outputs_backend": engine.config.structured_outputs_backend},
         "tokenizer_files": tokenizer_files(engine.tokenizer),
         "stats": encode_stats(engine.get_stats()),
     }

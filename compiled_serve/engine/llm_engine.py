@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from compiled_serve.build import BuildStatus
-from compiled_serve.build.loading import open_build
 from compiled_serve.build.model_snapshot import load_model_cached
+from compiled_serve.build.tp_builds import open_rank_build
 from compiled_serve.cache import BuildKey
 from compiled_serve.cache.build_cache import BuildCache
 from compiled_serve.config import EngineConfig
@@ -86,6 +86,15 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         # Tensor parallel: this process is rank 0; the workers start (and load) meanwhile.
         self.tp = TensorParallelDriver(config, self.device) if config.tensor_parallel_size > 1 else None
+        try:
+            self._start(config, on_progress, build_cache)
+        except BaseException:
+            if self.tp is not None:  # no process (nor this process's group) outlives a failed start
+                self.tp.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig, on_progress: Callable[[str], None] | None,
+               build_cache: BuildCache | None) -> None:
         t0 = time.perf_counter()
         # Quantized weights (models/quantization.py) load their own way: the snapshot cache holds float tensors.
         self.quantization = "none" if self.tp and config.quantization in (None, "none") else \
@@ -126,7 +135,7 @@ class LLMEngine:
             weight_fingerprint=self.weight_fingerprint,
             passes=EnginePasses(self.pass_manager, self.tail_pass_manager).uuids(), buckets=self.decode_buckets,
             dtype=self.dtype, compile_mode=config.compile_mode, device=self.device, quantization=self.quantization)
-        self.build_status: BuildStatus | None = open_build(config, self.build_key, build_cache)
+        self.build_status: BuildStatus | None = open_rank_build(config, self.build_key, build_cache)
         step_fn, self.compile_report = compile_model(self.model, mode=config.compile_mode, passes=self.pass_manager)
         if self.tp:
             step_fn = self.tp.wrap(self.model, step_fn)  # mirrors each step to the workers
@@ -172,7 +181,8 @@ class LLMEngine:
         self._eos_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self._eos_ids.add(int(self.tokenizer.eos_token_id))
-        self.structured = StructuredState(self.tokenizer, mc.vocab_size, self._eos_ids)
+        self.structured = StructuredState(self.tokenizer, mc.vocab_size, self._eos_ids,
+                                          config.structured_outputs_backend)
         self._reset_counters()
         self._on_progress("compiling (warm-up steps)")
         self._warmup()
@@ -186,6 +196,9 @@ class LLMEngine:
                 progress=lambda b: self._on_progress(f"captured CUDA graph for decode bucket {b}"))
         self.compile_seconds += time.perf_counter() - t0
         self._reset_counters()
+        if self.tp is not None and self.build_status is not None:  # each worker's own build (tp_builds.py)
+            self.build_status.message = "; ".join([f"rank 0: {self.build_status.message}",
+                                                   *self.tp.worker_build_messages()])
 
     # ----------------------------------------------------------------- setup
     def _reset_counters(self) -> None:

@@ -10,6 +10,7 @@ finishes the step in flight first, as it does for penalties.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import weakref
 from typing import Any
@@ -17,9 +18,11 @@ from typing import Any
 import numpy as np
 
 from compiled_serve.engine.sequence import Sequence, SequenceStatus
+from compiled_serve.errors import InvalidParameterError
 from compiled_serve.kernels.token_bitmask import bitmask_width
 from compiled_serve.sampling_params import SamplingParams
 from compiled_serve.structured import CompiledGrammar, GrammarMatcher, shared_compiler
+from compiled_serve.structured.compiler import resolve_backend
 
 logger = logging.getLogger("compiled_serve.engine")
 
@@ -35,8 +38,11 @@ def _terminated_safely(matcher: GrammarMatcher) -> bool:
 
 
 class StructuredState:
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: set[int]):
-        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: set[int], backend: str = "auto"):
+        self.tokenizer, self.vocab_size, self.backend = tokenizer, vocab_size, backend
+        if resolve_backend(backend) == "xgrammar" and importlib.util.find_spec("xgrammar") is None:
+            raise InvalidParameterError("structured_outputs_backend",
+                                        "xgrammar is not installed (pip install 'compiled-serve[xgrammar]')")
         self.eos_token_ids = frozenset(eos_token_ids)
         self.words = bitmask_width(vocab_size)
         self._eos_only = np.zeros(self.words, dtype=np.uint32)  # the row of a failed matcher
@@ -49,7 +55,7 @@ class StructuredState:
         """The request's grammar (cached), or None; InvalidParameterError for a bad spec."""
         if params.structured_outputs is None:
             return None
-        return shared_compiler(self.tokenizer, self.vocab_size).compile(params.structured_outputs)
+        return shared_compiler(self.tokenizer, self.vocab_size, self.backend).compile(params.structured_outputs)
 
     def attach(self, seq: Sequence, grammar: CompiledGrammar | None) -> None:
         if grammar is not None:

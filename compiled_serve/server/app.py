@@ -62,7 +62,8 @@ def build_app(config: ServerConfig, *, engine: Any = None, embedder: Any = None,
         state = ServerState(config=config, served_model_names=names, tokenizer=served.tokenizer,
                             max_model_len=served.max_model_len, vocab_size=served.vocab_size,
                             metrics=metrics, engine_loop=engine_loop, chat_template=template,
-                            max_logprobs=served.max_logprobs, startup_report=served.startup_report)
+                            max_logprobs=served.max_logprobs, startup_report=served.startup_report,
+                            structured_outputs_backend=served.structured_outputs_backend)
     else:
         state = ServerState(config=config, served_model_names=names, tokenizer=embedder.tokenizer,
                             max_model_len=embedder.max_seq_length, vocab_size=embedder.vocab_size,

@@ -44,7 +44,8 @@ class EngineCoreClient:
         self.served_model = ServedModel(
             tokenizer=rebuild_tokenizer(ready["tokenizer_files"]), chat_template=model["chat_template"],
             max_model_len=model["max_model_len"], vocab_size=model["vocab_size"],
-            max_logprobs=model["max_logprobs"], startup_report=dict(model["startup_report"]))
+            max_logprobs=model["max_logprobs"], startup_report=dict(model["startup_report"]),
+            structured_outputs_backend=model.get("structured_outputs_backend", "auto"))
         self.max_n: int = model["max_n"]
         self.last_stats = decode_stats(ready["stats"])
         self._send_lock = threading.Lock()

@@ -47,12 +47,14 @@ class ServedModel:
     vocab_size: int
     max_logprobs: int
     startup_report: dict[str, Any]
+    structured_outputs_backend: str = "auto"  # the engine's grammar backend: the server compiles with it too
 
     @classmethod
     def of_engine(cls, engine: Any) -> ServedModel:
         return cls(tokenizer=engine.tokenizer, chat_template=engine.chat_template,
                    max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size,
-                   max_logprobs=engine.config.max_logprobs, startup_report=engine.startup_report())
+                   max_logprobs=engine.config.max_logprobs, startup_report=engine.startup_report(),
+                   structured_outputs_backend=engine.config.structured_outputs_backend)
 
 
 @dataclass

@@ -105,7 +105,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     params = with_tool_plan(SamplingParams(max_tokens=body.max_output_tokens,
                                            **{k: v for k, v in sampling.items() if v is not None}), plan)
     if params.structured_outputs is not None:  # the forced call's grammar: a 400 here, never in the engine
-        compiler = await asyncio.to_thread(shared_compiler, state.tokenizer, state.vocab_size)
+        compiler = await asyncio.to_thread(shared_compiler, state.tokenizer, state.vocab_size,
+                                           state.structured_outputs_backend)
         await asyncio.to_thread(compiler.compile, params.structured_outputs, "tools")
     prompt_ids = render_chat_prompt(state, chat_messages(body.instructions, conversation), add_generation_prompt=True,
                                     tools=plan.prompt_tools, tool_format=tool_parser.prompt_format)

@@ -28,6 +28,7 @@ class ServerState:
     embedder: Any = None  # compiled_serve.embedding.EmbeddingEngine for embedding models
     chat_template: str | None = None
     max_logprobs: int = 0
+    structured_outputs_backend: str = "auto"  # as the engine's: compile_structured_outputs uses it
     startup_report: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -80,5 +80,6 @@ async def compile_structured_outputs(state: Any, params: SamplingParams, request
         return
     found = structured_spec(request)
     field = found[1] if found is not None and found[0] == spec else "tools"  # a tool plan's schema
-    compiler = await asyncio.to_thread(shared_compiler, state.tokenizer, state.vocab_size)
+    compiler = await asyncio.to_thread(shared_compiler, state.tokenizer, state.vocab_size,
+                                       state.structured_outputs_backend)
     await asyncio.to_thread(compiler.compile, spec, field)

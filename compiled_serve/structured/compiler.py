@@ -27,6 +27,9 @@ from compiled_serve.structured.checks import check_choices, check_json_schema, c
 from compiled_serve.structured.spec import StructuredOutputsParams
 
 DEFAULT_BACKEND = "llguidance"
+# `EngineConfig.structured_outputs_backend` values: vLLM's names (auto, guidance, xgrammar) and ours.
+BACKEND_ALIASES = {"auto": DEFAULT_BACKEND, "guidance": "llguidance", "llguidance": "llguidance",
+                   "xgrammar": "xgrammar"}
 DEFAULT_TIMEOUT_S = 5.0
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")
 
@@ -78,7 +81,24 @@ def _llguidance(tokenizer: Any, vocab_size: int) -> GrammarBackend:
     return LLGuidanceBackend(tokenizer, vocab_size)
 
 
-register_backend(DEFAULT_BACKEND, _llguidance)  # imported lazily: no llguidance import until first use
+def _xgrammar(tokenizer: Any, vocab_size: int) -> GrammarBackend:
+    try:
+        from compiled_serve.structured.xgrammar_backend import XGrammarBackend
+    except ImportError as exc:
+        raise InvalidParameterError("structured_outputs_backend", "xgrammar is not installed "
+                                    "(pip install 'compiled-serve[xgrammar]')") from exc
+    return XGrammarBackend(tokenizer, vocab_size)
+
+
+# Imported lazily: no grammar library is imported until its first use.
+register_backend(DEFAULT_BACKEND, _llguidance)
+register_backend("xgrammar", _xgrammar)
+
+
+def resolve_backend(name: str | None) -> str:
+    """The registered backend a configured name means (auto and vLLM's guidance: llguidance)."""
+    name = name or "auto"
+    return BACKEND_ALIASES.get(name, name)
 
 
 _SHARED: dict[tuple[int, int, str], tuple[weakref.ref, GrammarCompiler]] = {}
@@ -90,6 +110,7 @@ def shared_compiler(tokenizer: Any, vocab_size: int, backend: str = DEFAULT_BACK
     tokenizer takes about a second): an in-process server and its engine share compiled grammars."""
     if tokenizer is None:
         raise InvalidParameterError("structured_outputs", "this model has no tokenizer to constrain")
+    backend = resolve_backend(backend)
     key = (id(tokenizer), vocab_size, backend)
     with _SHARED_LOCK:
         entry = _SHARED.get(key)
