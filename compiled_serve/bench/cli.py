@@ -34,6 +34,9 @@ _ENGINE_FLAGS: dict[str, type] = {
     "dtype": str, "device": str, "seed": int, "compile_mode": str, "max_num_seqs": int,
     "max_num_batched_tokens": int, "max_model_len": int, "num_kv_blocks": int, "block_size": int,
     "gpu_memory_utilization": float, "cpu_kv_cache_gib": float, "scheduling": str,
+    # Tensor parallel; `--distributed-executor-backend mp` at TP=1: W3 through the worker path
+    # (engine/tp_engine.py) against the in-process engine (issue 12).
+    "tensor_parallel_size": int, "distributed_executor_backend": str,
 }
 # Workload changes (small runs on CPU, tests); any of them marks the run "modified".
 _WORKLOAD_FLAGS: dict[str, tuple[type, str]] = {

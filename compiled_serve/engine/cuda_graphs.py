@@ -109,6 +109,23 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}  # bucket -> hidden [bucket, hidden], in the pool
         self.pool_bytes = 0  # what the captures reserved, measured
         self.capture_seconds = 0.0
+        # Tensor parallel (tp_engine.py): called with (bucket, table rows) once the static buffers
+        # hold a step and before its graph runs, so rank 0 can broadcast them to the workers.
+        self.before_replay: Callable[[int, int], None] | None = None
+
+    def replay_inputs(self, bucket: int, rows: int) -> list[torch.Tensor]:
+        """The static buffers a replay of `bucket` reads, contiguous (what rank 0 broadcasts):
+        input_ids, positions, slot_mapping [bucket], meta32, block_tables [rows, max_blocks]."""
+        return [self.input_ids[:bucket], self.positions[:bucket], self.slot_mapping[:bucket], self.meta32,
+                self.block_tables[:rows]]
+
+    def launch(self, bucket: int) -> torch.Tensor:
+        """Runs `bucket` on what the static buffers hold -> hidden [bucket, hidden]."""
+        graph = self.graphs.get(bucket)
+        if graph is None:  # no capture (CPU, or capture=False): the same buffers, run directly
+            return self._run_static(bucket)
+        graph.replay()
+        return self.outputs[bucket]
 
     def seqs_for(self, bucket: int) -> int:
         """How many sequences a step of this bucket may hold."""
@@ -179,11 +196,9 @@ class DecodeGraphs:
         self.slot_mapping[:bucket].copy_(ids64[2], non_blocking=True)
         self.meta32.copy_(meta32, non_blocking=True)
         self.block_tables[:bucket, : tables.shape[1]].copy_(tables, non_blocking=True)
-        graph = self.graphs.get(bucket)
-        if graph is None:  # no capture (CPU, or capture=False): the same buffers, run directly
-            return self._run_static(bucket)[:n]
-        graph.replay()
-        return self.outputs[bucket][:n]
+        if self.before_replay is not None:
+            self.before_replay(bucket, bucket)
+        return self.launch(bucket)[:n]
 
     def replay(
         self, bucket: int, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -198,11 +213,9 @@ class DecodeGraphs:
         self.slot_mapping[:bucket].copy_(slots)
         self.meta32.copy_(meta32)
         self.block_tables[:n, :width].copy_(block_tables)
-        graph = self.graphs.get(bucket)
-        if graph is None:  # no capture (CPU, or capture=False): the same buffers, run directly
-            return self._run_static(bucket)
-        graph.replay()
-        return self.outputs[bucket]
+        if self.before_replay is not None:
+            self.before_replay(bucket, n)
+        return self.launch(bucket)
 
     def release(self) -> None:
         self.graphs.clear()

@@ -85,7 +85,9 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         # Tensor parallel: this process is rank 0; the workers start (and load) meanwhile.
-        self.tp = TensorParallelDriver(config, self.device) if config.tensor_parallel_size > 1 else None
+        # (At TP=1 only with distributed_executor_backend="mp": the worker path with no worker.)
+        use_driver = config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp"
+        self.tp = TensorParallelDriver(config, self.device) if use_driver else None
         try:
             self._start(config, on_progress, build_cache)
         except BaseException:
@@ -123,7 +125,7 @@ class LLMEngine:
         # Token buckets of prefill/mixed-step graphs (the new step path only).
         self.mixed_buckets = default_mixed_buckets(config.max_num_batched_tokens) \
             if config.scheduling != "legacy" else ()
-        self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager and self.tp is None
+        self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
         quantized = [QUANTIZED_LINEAR_PASS] if self.quantization != "none" else []
         self.pass_manager = default_pass_manager(extra=list(config.extra_passes) + quantized,
                                                  disabled=list(config.disabled_passes), device=self.device.type)
@@ -155,8 +157,9 @@ class LLMEngine:
                 # The graph pool is private memory: measure it before the KV cache takes the rest.
                 self._on_progress("measuring CUDA-graph memory (compiles the step)")
                 t0 = time.perf_counter()
-                reserve += capture_cost_estimate(measure_capture_bytes(
-                    step_fn, mc.num_layers, block_size, mc.num_kv_heads, mc.head_dim, self.dtype,
+                measure = self.tp.measure_capture_bytes if self.tp else measure_capture_bytes  # every rank's
+                reserve += capture_cost_estimate(measure(
+                    step_fn, mc.num_layers, block_size, kv_heads, mc.head_dim, self.dtype,
                     max(self.decode_buckets[-1], *self.mixed_buckets), config.max_model_len or mc.max_position_embeddings, self.device,
                 ), len(self.decode_buckets) + len(self.mixed_buckets))
                 self.compile_seconds += time.perf_counter() - t0
@@ -174,6 +177,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, step_fn, self.kv_caches, block_size, self.device)
+        if self.tp is not None:  # graphs capture the bare step; the driver mirrors each set and replay
+            self.runner.graph_step_fn, self.runner.on_new_graphs = self.tp.raw_step, self.tp.mirror_graphs
         self.batch = PersistentBatch(config.max_num_seqs, self.max_model_len, block_size)
         self.step_runner = StepRunner(self.runner, self.logits_tail, self.batch)
         self._inflight: InFlightStep | None = None

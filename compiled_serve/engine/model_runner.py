@@ -42,6 +42,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self._pin = device.type == "cuda"
+        # What graphs capture, and who hears of a new graph set before its capture: the step and
+        # nobody, but under tensor parallelism the bare step and the driver (tp_engine.py).
+        self.graph_step_fn = self.step_fn
+        self.on_new_graphs: Callable[[DecodeGraphs, str], None] | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: DecodeGraphs | None = None  # token buckets for prefill/mixed steps
         self.num_graph_steps = 0  # steps served by captured graphs (stats, tests)
@@ -54,8 +58,10 @@ class ModelRunner:
         """Set up the static decode path; `capture=False` (or CPU) runs it without graphs."""
         max_blocks = round_up_width(-(-max_model_len // self.block_size))
         pool = self.mixed_graphs.pool if self.mixed_graphs is not None else None
-        graphs = DecodeGraphs(self.step_fn, self.kv_caches, buckets, max_blocks, max_model_len, self.device,
+        graphs = DecodeGraphs(self.graph_step_fn, self.kv_caches, buckets, max_blocks, max_model_len, self.device,
                               capture=capture, pool=pool)
+        if self.on_new_graphs is not None:
+            self.on_new_graphs(graphs, "decode")
         graphs.capture_all(progress)
         self.decode_graphs = graphs
         return graphs
@@ -67,8 +73,10 @@ class ModelRunner:
         """Graphs for prefill and mixed steps up to the largest token bucket; capture them before
         the decode graphs, which then share their (larger) memory pool."""
         max_blocks = round_up_width(-(-max_model_len // self.block_size))
-        graphs = DecodeGraphs(self.step_fn, self.kv_caches, token_buckets, max_blocks, max_model_len, self.device,
-                              query_len=None, seq_capacity=max_num_seqs)
+        graphs = DecodeGraphs(self.graph_step_fn, self.kv_caches, token_buckets, max_blocks, max_model_len,
+                              self.device, query_len=None, seq_capacity=max_num_seqs)
+        if self.on_new_graphs is not None:
+            self.on_new_graphs(graphs, "mixed")
         graphs.capture_all(progress)
         self.mixed_graphs = graphs
         return graphs

@@ -14,6 +14,14 @@ process, which is also rank 0. `TensorParallelDriver`:
   - checks before every broadcast that every worker is alive. A dead worker (or a failed
     collective) raises `TensorParallelWorkerError`; the engine is then failed for good.
   - `shutdown()` (also at exit and when the engine is collected) stops and reaps every worker.
+  - CUDA graphs (cuda_graphs.py): the graphs capture the bare step (the collectives in it are
+    NCCL's, which a graph captures); the broadcast of the inputs stays outside. When rank 0 sets
+    up a graph set (`mirror_graphs`), every worker builds and captures the same set, in step;
+    before each replay rank 0 broadcasts its static buffers straight into the workers' (GRAPHS,
+    REPLAY), and every rank replays the same bucket. `measure_capture_bytes` runs on every rank.
+  - TP=1 (`distributed_executor_backend="mp"`): no worker, a process group of one, and every
+    message and broadcast of this path still made: what W3 measures against the in-process
+    engine. The graph is the unsharded one (as vLLM skips collectives over one rank).
   - builds (build/tp_builds.py): each worker loads its own rank's build from `build_dir`; under
     `compile` (`recording_worker_builds`) the workers record theirs and save it on SAVE_BUILD.
     A worker that fails writes its error to `error.R` beside the store; rank 0 raises it (a
@@ -40,9 +48,10 @@ import torch
 import torch.distributed as dist
 
 from compiled_serve.build.loading import BuildMismatchError, BuildRefusedError
-from compiled_serve.build.tp_builds import workers_record_builds
+from compiled_serve.build.tp_builds import tp_key_fields, workers_record_builds
 from compiled_serve.config import EngineConfig
 from compiled_serve.engine import tp_protocol as proto
+from compiled_serve.engine.cuda_graphs import DecodeGraphs, measure_capture_bytes
 from compiled_serve.errors import CompiledServeError, InvalidParameterError
 from compiled_serve.kernels.forward_context import current_forward_context
 from compiled_serve.models.tp_layout import ShardingError, head_split
@@ -136,17 +145,45 @@ class TensorParallelDriver:
     def pass_manager(self, manager: Any) -> Any:
         from compiled_serve.passes.tp_pipeline import with_tensor_parallel
 
-        return with_tensor_parallel(manager, 0, self.size)
+        return with_tensor_parallel(manager, 0, self.size) if self.size > 1 else manager
 
     def kv_heads(self, model_config: Any) -> int:
+        if self.size == 1:
+            return model_config.num_kv_heads
         return head_split(model_config.num_heads, model_config.num_kv_heads, 0, self.size).num_kv_heads
 
     def key(self) -> dict[str, int]:
-        """What the build key adds: a build is per TP size and rank."""
-        return {"tensor_parallel_size": self.size, "tensor_parallel_rank": 0}
+        """What the build key adds: a build is per TP size and rank (TP=1: the in-process key,
+        whose graphs are the same)."""
+        return tp_key_fields(0, self.size)
 
     def setup(self, num_blocks: int) -> None:
         self._send([proto.SETUP, num_blocks])
+
+    # ------------------------------------------------------------ CUDA graphs
+    def measure_capture_bytes(self, _wrapped_step: Callable, num_layers: int, block_size: int, num_kv_heads: int,
+                              head_dim: int, dtype: torch.dtype, bucket: int, max_seq_len: int,
+                              device: torch.device) -> int:
+        """`cuda_graphs.measure_capture_bytes` on every rank at once (its warm-up and replay run the
+        step's collectives); rank 0's figure sizes the KV cache, which SETUP then gives everyone."""
+        self._send([proto.MEASURE, bucket, max_seq_len])
+        return self._guarded(measure_capture_bytes, self.raw_step, num_layers, block_size, num_kv_heads, head_dim,
+                             dtype, bucket, max_seq_len, device)
+
+    def mirror_graphs(self, graphs: DecodeGraphs, kind: str) -> None:
+        """Rank 0 is about to capture `graphs` (ModelRunner.on_new_graphs): the workers build the
+        same set and capture it alongside; each of rank 0's replays is mirrored from now on."""
+        code = proto.GRAPH_KINDS.index(kind)
+        buckets = torch.tensor(list(graphs.buckets), dtype=torch.int64).to(self.device)
+        self._send([proto.GRAPHS, code, graphs.max_blocks_per_seq, graphs.max_seq_len, graphs.seq_capacity,
+                    graphs.query_len or 0, len(graphs.buckets)], buckets)
+
+        def before_replay(bucket: int, rows: int) -> None:
+            self._send([proto.REPLAY, code, bucket, rows])
+            for buffer in graphs.replay_inputs(bucket, rows):
+                self._guarded(dist.broadcast, buffer, 0)
+
+        graphs.before_replay = before_replay
 
     def worker_build_messages(self) -> list[str]:
         """What each worker did with its build ("rank 1: build ab12.. loaded: 1 artifacts"), once
@@ -182,7 +219,11 @@ class TensorParallelDriver:
         """The step that mirrors itself to the workers; `model.compute_logits` becomes the sharded one."""
         from compiled_serve.passes.tp_pipeline import compile_logits
 
-        logits_fn, self.logits_report = compile_logits(model, 0, self.size, mode=self.config.compile_mode)
+        self.raw_step = step_fn  # what CUDA graphs capture (the broadcast stays outside them)
+        if self.size > 1:
+            logits_fn, self.logits_report = compile_logits(model, 0, self.size, mode=self.config.compile_mode)
+        else:
+            logits_fn = type(model).compute_logits.__get__(model)  # the unsharded one
 
         def step(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             meta = current_forward_context()

@@ -1,6 +1,6 @@
 """What rank 0 tells the tensor-parallel workers, as torch.distributed broadcasts (never pickle).
 
-Every message is a fixed int64 header [op, a, b, c, d, e] broadcast from rank 0, then, for some
+Every message is a fixed int64 header [op, a, b, c, d, e, f, 0] broadcast from rank 0, then, for some
 ops, one payload tensor whose shape the header gives:
 
   SETUP   [SETUP, num_blocks]                                  the KV-cache size rank 0 chose
@@ -12,6 +12,13 @@ ops, one payload tensor whose shape the header gives:
   SAVE_BUILD [SAVE_BUILD, n]                                   then uint8 [n]: a build directory (utf-8);
           each worker saves its recorded build there (build/tp_builds.py), answers in a file
           `saved.R` beside the store, and joins a barrier
+  MEASURE [MEASURE, bucket, max_seq_len]                       every rank runs measure_capture_bytes
+  GRAPHS  [GRAPHS, kind, max_blocks, max_seq_len, seq_capacity, query_len (0: None), nb]
+          then int64 [nb] buckets: the workers build this DecodeGraphs set (kind: an index
+          into GRAPH_KINDS) and capture it, as rank 0 does at the same time
+  REPLAY  [REPLAY, kind, bucket, rows]                          then, into the set's static buffers:
+          input_ids [bucket] | positions [bucket] | slot_mapping [bucket] | meta32 | block_tables
+          [rows] (DecodeGraphs.replay_inputs); every rank replays the bucket's graph
   STOP    [STOP]                                               the workers exit
 
 Nothing comes back: every rank runs the step and joins the collectives inside the compiled graph;
@@ -23,14 +30,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-SETUP, STEP, LOGITS, STOP, SAVE_BUILD = 1, 2, 3, 4, 5
-HEADER_LEN = 6
+SETUP, STEP, LOGITS, STOP, SAVE_BUILD, MEASURE, GRAPHS, REPLAY = 1, 2, 3, 4, 5, 6, 7, 8
+GRAPH_KINDS = ("decode", "mixed")
+HEADER_LEN = 8
 
 
 def broadcast_header(values: list[int], device: torch.device) -> None:
-    header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
-    header[: len(values)] = torch.tensor(values, dtype=torch.int64)
-    dist.broadcast(header, src=0)
+    # Built on the host, pinned, and copied without a sync: a pageable copy would wait for the
+    # stream, so rank 0 could not enqueue a step while the previous one runs (async scheduling).
+    host = torch.zeros(HEADER_LEN, dtype=torch.int64, pin_memory=device.type == "cuda")
+    host[: len(values)] = torch.tensor(values, dtype=torch.int64)
+    dist.broadcast(host.to(device, non_blocking=True), src=0)
 
 
 def receive_header(device: torch.device) -> list[int]:

@@ -100,6 +100,7 @@ def recording_rank_build(rank: int):
 def serve_rank(rank: int, world_size: int, store_path: str, config) -> None:
     from compiled_serve.build.tp_builds import open_rank_build, rank_build_key, save_rank_build
     from compiled_serve.engine import tp_protocol as proto
+    from compiled_serve.engine.cuda_graphs import DecodeGraphs, measure_capture_bytes
     from compiled_serve.engine.device import resolve_device, resolve_dtype
     from compiled_serve.engine.kv_cache import allocate_kv_cache
     from compiled_serve.kernels.forward_context import AttentionMetadata, forward_context
@@ -131,9 +132,10 @@ def serve_rank(rank: int, world_size: int, store_path: str, config) -> None:
     logits_fn, _ = compile_logits(loaded.module, rank, world_size, mode=config.compile_mode)
     kv_heads = head_split(mc.num_heads, mc.num_kv_heads, rank, world_size).num_kv_heads
     caches: list[torch.Tensor] = []
+    graph_sets: dict[int, DecodeGraphs] = {}  # GRAPH_KINDS index -> the set rank 0 mirrors
     host_lists = device.type != "cuda"
     while True:
-        op, a, b, c, d, e = proto.receive_header(device)
+        op, a, b, c, d, e, f, _ = proto.receive_header(device)
         if op == proto.STOP:
             return
         if op == proto.SETUP:
@@ -153,6 +155,21 @@ def serve_rank(rank: int, world_size: int, store_path: str, config) -> None:
             rows = torch.empty((a, b), dtype=dtype, device=device)
             dist.broadcast(rows, src=0)
             logits_fn(rows)  # joins the vocabulary gather; rank 0 samples
+        elif op == proto.MEASURE:
+            measure_capture_bytes(step_fn, mc.num_layers, config.block_size, kv_heads, mc.head_dim, dtype, a, b, device)
+        elif op == proto.GRAPHS:  # a, b, c, d, e: kind, max_blocks, max_seq_len, seq_capacity, query_len
+            buckets = torch.empty(f, dtype=torch.int64, device=device)  # f: how many buckets
+            dist.broadcast(buckets, src=0)
+            pool = graph_sets[1].pool if a == 0 and 1 in graph_sets else None  # decode shares mixed's pool
+            graphs = DecodeGraphs(step_fn, caches, buckets.tolist(), b, c, device, query_len=e or None,
+                                  seq_capacity=d, pool=pool)
+            graphs.capture_all()  # in step with rank 0's capture: its warm-up and replays meet ours
+            graph_sets[a] = graphs
+        elif op == proto.REPLAY:
+            graphs = graph_sets[a]
+            for buffer in graphs.replay_inputs(b, c):
+                dist.broadcast(buffer, src=0)
+            graphs.launch(b)  # joins the collectives inside the graph; rank 0 reads the hidden rows
         elif op == proto.SAVE_BUILD:
             path = torch.empty(a, dtype=torch.uint8, device=device)
             dist.broadcast(path, src=0)
