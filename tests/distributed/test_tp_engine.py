@@ -155,3 +155,41 @@ def test_a_worker_that_dies_before_joining_is_a_quick_clear_error(tmp_path_facto
     import torch.distributed as dist
 
     assert not dist.is_initialized()
+
+
+def test_a_killed_engine_process_leaves_no_worker_behind(tmp_path_factory):
+    """The engine's process dies without a shutdown (SIGKILL: no atexit, no finalizer): its worker
+    dies with it (PR_SET_PDEATHSIG; its closed pair sockets would end it too) instead of lingering."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    path = _config_file(tmp_path_factory, "llama-orphan", TINY_LLAMA)
+    script = (
+        "import time\n"
+        "from compiled_serve.config import EngineConfig\n"
+        "from compiled_serve.engine.llm_engine import LLMEngine\n"
+        f"e = LLMEngine(EngineConfig(model={path!r}, load_format='dummy', compile_mode='graph', num_kv_blocks=64, "
+        "block_size=8, max_num_seqs=8, max_num_batched_tokens=64, tensor_parallel_size=2, build_cache=False))\n"
+        "print(e.tp.workers[0].pid, flush=True)\n"
+        "time.sleep(600)\n")
+    engine = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert engine.stdout is not None
+        worker = int(engine.stdout.readline())
+    finally:
+        engine.kill()
+        engine.wait()
+
+    def gone() -> bool:
+        try:
+            stat = Path(f"/proc/{worker}/stat").read_text()
+        except OSError:
+            return True
+        return stat.rsplit(")", 1)[1].split()[0] == "Z"  # dead, waiting for init to reap it
+
+    deadline = time.monotonic() + 15
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone(), f"worker {worker} outlived its engine"

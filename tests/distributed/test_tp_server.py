@@ -28,6 +28,8 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_siz
         "head_dim": 16, "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "eos_token_id": 102}
 OPTIONS = dict(load_format="dummy", tokenizer=str(MINILM_DIR), compile_mode="graph", num_kv_blocks=64, max_num_seqs=4)
 PROMPT = "the weather today is"
+SHARED = ["the weather today is cold and wet in the north of the country, and the roads are " + tail
+          for tail in ("icy", "closed")]
 
 pytestmark = pytest.mark.heavy
 
@@ -134,10 +136,17 @@ def test_tp2_server_matches_tp1_binds_loopback_and_survives_a_dead_worker(model_
     reference = LLMEngine(EngineConfig(model=model_json, **OPTIONS))
     reference.add_request("ref", PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                           output_kind="final")
-    want = None
+    # Two prompts that share their first blocks (prefix caching), two completions each (n > 1).
+    for i, prompt in enumerate(SHARED):
+        reference.add_request(f"shared{i}", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=2),
+                              output_kind="final")
+    want, want_shared = None, {}
     while reference.has_unfinished_requests():
         for out in reference.step():
-            want = out.outputs[0].text
+            if out.request_id == "ref":
+                want = out.outputs[0].text
+            else:
+                want_shared[out.request_id] = [c.text for c in out.outputs]
     del reference
 
     server, port = _start(model_json)
@@ -147,6 +156,14 @@ def test_tp2_server_matches_tp1_binds_loopback_and_survives_a_dead_worker(model_
         got = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
         assert got.status_code == 200, got.text
         assert got.json()["choices"][0]["text"] == want
+        shared = httpx.post(f"{url}/v1/completions", json={"prompt": SHARED, "max_tokens": 6, "temperature": 0,
+                                                           "ignore_eos": True, "n": 2}, timeout=120)
+        assert shared.status_code == 200, shared.text
+        choices = sorted(shared.json()["choices"], key=lambda c: c["index"])
+        assert [c["text"] for c in choices] == want_shared["shared0"] + want_shared["shared1"]
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        hits = [line for line in metrics.splitlines() if line.startswith("compiled_serve_prefix_cache_hits")]
+        assert hits and float(hits[0].rsplit(" ", 1)[1]) > 0, hits  # the second prompt reused the first's blocks
 
         procs = [server.pid, *descendants(server.pid)]
         assert len(procs) >= 3  # server, engine core, one worker
