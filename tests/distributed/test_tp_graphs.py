@@ -116,6 +116,9 @@ def test_tp1_worker_path_with_cuda_graphs_gives_the_in_process_tokens(tiny):
     want = _tokens(in_process)
     assert in_process.runner.num_graph_steps > 0
     del in_process
+    import gc
+
+    gc.collect()
     torch.cuda.empty_cache()
     engine = _engine(tiny, distributed_executor_backend="mp", **options)
     try:
