@@ -81,15 +81,16 @@ def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Writes this step's k/v into `kv_cache` (this layer's), then attends. Shapes as the reference."""
+    from compiled_serve.kernels.paged_attention_cpu import paged_attention_cpu, plan_decode, write_kv_cpu
+
     meta = current_forward_context()
-    write_kv_reference(k, v, kv_cache, meta.slot_mapping)
+    write_kv_cpu(k, v, kv_cache, meta.slot_mapping)
     seq_lens = meta.seq_lens_host if meta.seq_lens_host is not None else meta.seq_lens.tolist()
     qsl = meta.query_start_loc_host if meta.query_start_loc_host is not None else meta.query_start_loc.tolist()
-    from compiled_serve.kernels.paged_attention_cpu import paged_attention_cpu, plan_decode
-
     plan = meta.cpu_decode_plan
-    if plan is None:  # planned by the first layer, reused by the rest; False: nothing to batch
-        plan = meta.cpu_decode_plan = plan_decode(meta.block_tables, seq_lens, qsl, kv_cache.shape[2]) or False
+    if plan is None:  # planned by the first layer, reused by the rest; False: no sequence decodes
+        plan = meta.cpu_decode_plan = plan_decode(meta.block_tables, seq_lens, qsl, kv_cache.shape[2],
+                                                   q.shape[0]) or False
     if plan is False:
         return paged_attention_reference(q, kv_cache, meta.block_tables, seq_lens, qsl, scale)
     return paged_attention_cpu(q, kv_cache, meta.block_tables, seq_lens, qsl, scale, plan=plan)

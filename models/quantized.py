@@ -131,3 +131,41 @@ def quantize_linear_layers(module: nn.Module, layout: str, skip: tuple[str, ...]
 def linear_weight_names(module: nn.Module, skip: tuple[str, ...] = UNQUANTIZED) -> list[str]:
     """The weights `quantize_linear_layers` quantizes."""
     return [f"{name}.weight" for name, m in module.named_modules() if isinstance(m, nn.Linear) and name not in skip]
+
+
+class CastingEmbedding(nn.Module):
+    """A `VocabEmbedding` whose table is stored in a narrower dtype: looked-up rows come back in
+    `out_dtype` (the model's), so only the table's bytes change, not the residual stream's dtype."""
+
+    def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.out_dtype = out_dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(input_ids, self.weight).to(self.out_dtype)
+
+
+def store_head_in(module: nn.Module, dtype: torch.dtype) -> int:
+    """The token embedding (tied: also the logits head) and an untied `lm_head` kept in `dtype`.
+
+    The logits head runs eagerly outside the captured step (`compute_logits`, which casts its input
+    to the weight's dtype and returns float32), so no pass sees it: on the CPU it is an fp32 GEMV
+    over 113 MB for the embedded model, a third of a quantized decode step. bf16 halves the bytes
+    and takes oneDNN's bf16 path (AMX where the CPU has it). Returns the bytes saved.
+    """
+    from compiled_serve.models.layers import VocabEmbedding
+
+    saved = 0
+    inner = getattr(module, "model", None)
+    emb = getattr(inner, "embed_tokens", None)
+    if isinstance(emb, VocabEmbedding) and emb.weight.dtype != dtype:
+        old = emb.weight
+        inner.embed_tokens = CastingEmbedding(old.detach().to(dtype), old.dtype)
+        saved += old.numel() * (old.element_size() - inner.embed_tokens.weight.element_size())
+    head = getattr(module, "lm_head", None)
+    if isinstance(head, nn.Linear) and quantized_weight_of(head.weight) is None and head.weight.dtype != dtype:
+        old = head.weight
+        head.weight = nn.Parameter(old.detach().to(dtype), requires_grad=False)
+        saved += old.numel() * (old.element_size() - head.weight.element_size())
+    return saved

@@ -13,8 +13,8 @@ repacked weights are the file's values up to one rounding of zero = m + 8d; with
 fast kernel), the scales are rounded to bf16. Any other pairing ("bf16", per-channel "int8", Q4
 into "q8b", Q8_0 into "int4") quantizes from one tensor's float values at a time.
 
-`load_gguf_quantized(path, layout)` is the loader: norms and the embedding as float32, every
-linear layer in `layout`.
+`load_gguf_quantized(path, layout)` is the loader: norms as float32, the embedding (tied: the
+logits head too) as bf16, every linear layer in `layout`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from compiled_serve.models.quantized import (
     int4_from_codes,
     linear_weight_names,
     quantize_float,
+    store_head_in,
 )
 
 BLOCK = 32
@@ -106,9 +107,11 @@ def _stacked(module: torch.nn.Module, hf_name: str) -> tuple[str, object]:
 
 
 def load_gguf_quantized(path: str, layout: str = "int4", compute_dtype: torch.dtype = torch.bfloat16,
-                        dtype: torch.dtype = torch.float32) -> LoadedModel:
+                        dtype: torch.dtype = torch.float32, head_dtype: torch.dtype | None = torch.bfloat16
+                        ) -> LoadedModel:
     """The GGUF at `path` on the CPU, every linear weight kept in `layout` (see module doc);
-    the other weights (embedding, norms) in `dtype`.
+    the norms in `dtype`, the embedding (and logits head) in `head_dtype` (None: `dtype`; bf16 by
+    default: the head is a third of a quantized decode step in fp32, `store_head_in`).
 
     Q4_0/Q4_1 into "int4" and Q8_0 into "q8b" repack code for code; other pairings quantize
     from each tensor's float values. The model still needs QuantizedLinearPass.
@@ -152,6 +155,8 @@ def load_gguf_quantized(path: str, layout: str = "int4", compute_dtype: torch.dt
         raise ModelLoadError(f"GGUF file lacks tensors for {missing[:5]}")
     weights = {name: _assemble(module, name, parts, layout, compute_dtype) for name, parts in shards.items()}
     install_quantized_weights(module, weights)
+    if head_dtype is not None:
+        store_head_in(module, head_dtype)
     chat_template = _field(reader, "tokenizer.chat_template", None)
     has_vocab = "tokenizer.ggml.tokens" in reader.metadata
     return LoadedModel(
@@ -159,7 +164,7 @@ def load_gguf_quantized(path: str, layout: str = "int4", compute_dtype: torch.dt
         tokenizer=load_gguf_tokenizer(path, chat_template) if has_vocab else None,
         chat_template=chat_template,
         source=f"gguf:{path} ({quantization_label(reader)}, linear weights as {layout})",
-        weight_fingerprint=file_fingerprint([path], extra=f"quantized:{layout}:{compute_dtype}:{dtype}"),
+        weight_fingerprint=file_fingerprint([path], extra=f"quantized:{layout}:{compute_dtype}:{dtype}:head={head_dtype}"),
     )
 
 

@@ -66,3 +66,49 @@ def test_cpu_batched_decode_matches_reference(group: int):
     ref = paged_attention_reference(q, cache, tables, ctx, qsl, 0.5)
     fast = paged_attention_cpu(q, cache, tables, ctx, qsl, 0.5)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ctx", [[1], [37], [16, 5, 33, 1], [40, 40]])
+def test_cpu_decode_only_matches_reference(ctx: list[int]):
+    """Decode-only steps (one sequence or many, no padding rows): the one-SDPA path returns its
+    output as is; stale finite values past each length in the cache must not leak in."""
+    from compiled_serve.kernels.paged_attention_cpu import paged_attention_cpu, plan_decode
+
+    torch.manual_seed(len(ctx) + ctx[0])
+    kvh, group, hd, bs, nb = 3, 3, 8, 16, 32
+    cache = torch.randn(2, nb, bs, kvh, hd) * 3
+    tables = torch.randperm(nb)[: len(ctx) * 3].view(len(ctx), 3).to(torch.int32)
+    qsl = list(range(len(ctx) + 1))
+    q = torch.randn(len(ctx), kvh * group, hd)
+    plan = plan_decode(tables, ctx, qsl, bs, q.shape[0])
+    assert plan is not None and plan.decode_rows is None and (plan.mask is None) == (len(ctx) == 1)
+    ref = paged_attention_reference(q, cache, tables, ctx, qsl, 0.35)
+    torch.testing.assert_close(paged_attention_cpu(q, cache, tables, ctx, qsl, 0.35, plan=plan), ref,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_one_decode_with_prefill_and_padding_matches_reference():
+    from compiled_serve.kernels.paged_attention_cpu import paged_attention_cpu
+
+    torch.manual_seed(3)
+    kvh, hd, bs, nb = 2, 8, 4, 32
+    cache = torch.randn(2, nb, bs, kvh, hd)
+    ctx, qsl = [9, 6], [0, 5, 6]  # a chunk of 5, then one decode
+    tables = torch.randperm(nb)[:8].view(2, 4).to(torch.int32)
+    q = torch.randn(8, kvh * 2, hd)  # 2 padding rows
+    ref = paged_attention_reference(q, cache, tables, ctx, qsl, 0.5)
+    torch.testing.assert_close(paged_attention_cpu(q, cache, tables, ctx, qsl, 0.5), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", [0, 2])
+def test_cpu_kv_write_matches_reference(padding: int):
+    from compiled_serve.kernels.paged_attention_cpu import write_kv_cpu
+
+    torch.manual_seed(padding)
+    cache = torch.randn(2, 8, 4, 2, 8)
+    slots = torch.tensor([5, 0, 31, 12] + [-1] * padding)
+    k, v = torch.randn(len(slots), 2, 8), torch.randn(len(slots), 2, 8)
+    ref = cache.clone()
+    write_kv_reference(k, v, ref, slots)
+    write_kv_cpu(k, v, cache, slots)
+    assert torch.equal(cache, ref)

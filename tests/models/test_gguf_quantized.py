@@ -71,7 +71,7 @@ def test_a_type_without_a_repacking_is_refused() -> None:
 
 @pytest.fixture(scope="module")
 def int4_smollm2(smollm2_gguf: str) -> Any:
-    return load_gguf_quantized(smollm2_gguf, "int4", torch.float32)
+    return load_gguf_quantized(smollm2_gguf, "int4", torch.float32, head_dtype=None)  # exact: fp32 scales and head
 
 
 def test_int4_model_holds_the_files_weights(int4_smollm2: Any, our_smollm2: Any) -> None:
@@ -85,6 +85,20 @@ def test_int4_model_holds_the_files_weights(int4_smollm2: Any, our_smollm2: Any)
         quantized += 1
         assert torch.allclose(qw.dequantize(), ours[name], rtol=0, atol=1e-6), name
     assert quantized == 4 * 30  # qkv, o, gate_up, down in each of the 30 layers
+
+
+def test_the_default_head_is_the_files_embedding_in_bf16(smollm2_gguf: str, our_smollm2: Any) -> None:
+    """The tied embedding (the logits head) is stored in bf16; looked-up rows come back float32."""
+    loaded = load_gguf_quantized(smollm2_gguf, "int4")
+    emb = loaded.module.model.embed_tokens
+    ref = our_smollm2.module.model.embed_tokens.weight
+    assert emb.weight.dtype == torch.bfloat16 and torch.equal(emb.weight, ref.bfloat16())
+    ids = torch.tensor([0, 17, 49151])
+    assert emb(ids).dtype == torch.float32 and torch.equal(emb(ids), ref.bfloat16().float()[ids])
+    hidden = torch.randn(2, ref.shape[1])
+    logits = loaded.module.compute_logits(hidden)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, hidden @ ref.t(), rtol=0.02, atol=0.05)
 
 
 @pytest.mark.heavy
