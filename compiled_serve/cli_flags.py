@@ -49,6 +49,8 @@ HELP: dict[str, str] = {
                      "(capped by what the KV cache holds)",
     "tensor_parallel_size": "ranks the model is sharded over (one process each; gloo on CPU, NCCL on CUDA, on "
                             "loopback): heads and sizes must divide by it",
+    "distributed_executor_backend": "uni: the model runs in the engine's process (TP=1 only); mp: through the "
+                                    "tensor-parallel worker path, at TP=1 too; none: uni at TP=1, mp above",
     "max_logprobs": "largest logprobs / top_logprobs a request may ask for",
     "max_n": "largest n (samples per prompt) a request may ask for",
     "compile_mode": "inductor: compile the rewritten graph (slow start, fast steps); graph: run it as "
