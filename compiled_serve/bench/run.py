@@ -37,6 +37,10 @@ def run_workload(workload: Workload, settings: dict[str, Any], *, repeats: int =
             wait_healthy(url, SERVER_START_TIMEOUT_S)
             rows, startup, settings = run_serve(url, requests, rates or []), None, {"url": url}
         else:
+            # Every rate sends the same requests: with prefix caching on, the rates after the first
+            # would find their prompts cached (TTFT below the prefill floor, as a first H200 run
+            # showed). The random token-id prompts share no prefix, so off changes nothing else.
+            settings = {**settings, "enable_prefix_caching": False}
             with running_server(workload.model, settings, SERVER_START_TIMEOUT_S) as (base, startup):
                 rows = run_serve(base, requests, rates or [])
         prompt_len, output_len = statistics.mean(requests.prompt_lens), statistics.mean(requests.output_lens)

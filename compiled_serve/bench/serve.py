@@ -59,6 +59,10 @@ def arrival_offsets(num_requests: int, rate: float) -> list[float]:
     return offsets
 
 
+# Serve flags that are argparse.BooleanOptionalAction: False is spelled --no-<flag>.
+_NEGATABLE = frozenset({"enable_prefix_caching"})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,7 +76,9 @@ def running_server(model: str, settings: dict[str, Any], timeout_s: float) -> It
     flags = []
     for name, value in settings.items():
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
+        if isinstance(value, bool) and name in _NEGATABLE:
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, bool):
             flags += [flag] if value else []  # store_true flags
         elif value is not None:
             flags.append(f"{flag}={value}")

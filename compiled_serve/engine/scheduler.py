@@ -43,11 +43,31 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+def bucket_fit_excess(step_tokens: int, buckets: tuple[int, ...]) -> int:
+    """Tokens by which a step of `step_tokens` overshoots the largest bucket below it, when that
+    overshoot is small (<= 1/8 of the bucket) and a larger bucket would pad it; else 0.
+
+    A 1,024-token prompt admitted beside one decode makes a 1,025-token step, which replays the
+    1,536-token graph: a third of the step is padding. Stopping the prompt's chunk at the bucket
+    and computing its last token(s) in the next step (with the decodes) costs one small step
+    instead. Steps above the largest bucket run without a graph and are never padded.
+    """
+    if not buckets or step_tokens > buckets[-1]:
+        return 0
+    lower = max((b for b in buckets if b < step_tokens), default=0)
+    excess = step_tokens - lower
+    return excess if lower and excess <= lower // 8 else 0
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 graph_token_buckets: tuple[int, ...] = ()):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Token sizes of the mixed-step CUDA graphs (ascending; empty: no graphs, no padding).
+        # Admitted prompt chunks are trimmed so a step does not just overshoot one.
+        self.graph_token_buckets = tuple(sorted(graph_token_buckets))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -109,6 +129,10 @@ class Scheduler:
             cached = bm.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
             num_cached = len(cached) * bm.block_size
             num_new = min(seq.num_tokens - seq.num_computed_tokens - num_cached, budget)
+            excess = bucket_fit_excess(self.max_num_batched_tokens - budget + num_new, self.graph_token_buckets)
+            fits_bucket = 0 < excess < num_new
+            if fits_bucket:
+                num_new -= excess  # trimmed before allocating: no block is published unwritten
             if not bm.allocate_slots(seq, num_new, cached):
                 break
             self.waiting.popleft()
@@ -121,4 +145,6 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
+            if fits_bucket:
+                break  # the step ends on a graph's size: one more admission would overshoot it again
         return out

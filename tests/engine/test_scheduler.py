@@ -77,3 +77,30 @@ def test_abort_waiting_and_running():
     sched.finish(a, SequenceStatus.FINISHED_ABORTED)  # running
     assert not sched.has_unfinished()
     assert bm.num_free_blocks == 10
+
+
+def test_prompt_chunk_stops_at_a_graph_bucket_instead_of_just_overshooting_it():
+    """A 64-token prompt beside one decode would make a 65-token step, padded to the 128-token
+    graph; the chunk stops at 63 tokens (a 64-token step), and its last token goes with the next
+    step's decode, where the prompt's first sampled token comes from."""
+    buckets = (16, 32, 64, 128)
+    sched = Scheduler(BlockManager(200, 4), max_num_seqs=8, max_num_batched_tokens=256, graph_token_buckets=buckets)
+    sched.add(make("a", 3))
+    assert run_step(sched) == {"a": 3}
+    sched.add(make("b", 64))
+    sched.add(make("c", 5))
+    # b is trimmed to the bucket; c is not admitted into this step (it would overshoot again).
+    assert run_step(sched) == {"a": 1, "b": 63}
+    assert not sched.waiting[0].output_token_ids and sched.waiting[0].request_id == "c"
+    assert run_step(sched) == {"a": 1, "b": 1, "c": 5}
+    assert sched.running[1].output_token_ids == [7]  # b sampled on its completing chunk
+
+    # A large overshoot (> 1/8 of the bucket below) pads instead; so does a step above the
+    # largest bucket (no graph there), and a scheduler without buckets never trims.
+    for graph_buckets, prompt, expected in [(buckets, 80, 80), ((16, 32, 64), 70, 70), ((), 64, 64)]:
+        sched = Scheduler(BlockManager(200, 4), max_num_seqs=8, max_num_batched_tokens=256,
+                          graph_token_buckets=graph_buckets)
+        sched.add(make("a", 3))
+        run_step(sched)
+        sched.add(make("b", prompt))
+        assert run_step(sched) == {"a": 1, "b": expected}
