@@ -175,7 +175,8 @@ class LLMEngine:
 
         t0 = time.perf_counter()
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.mixed_buckets if self.use_cuda_graphs else ())
         self.runner = ModelRunner(self.model, step_fn, self.kv_caches, block_size, self.device)
         if self.tp is not None:  # graphs capture the bare step; the driver mirrors each set and replay
             self.runner.graph_step_fn, self.runner.on_new_graphs = self.tp.raw_step, self.tp.mirror_graphs
