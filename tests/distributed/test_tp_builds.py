@@ -1,6 +1,6 @@
 """Per-rank builds (build/tp_builds.py) on the CPU with gloo: `compile --tensor-parallel-size 2` writes
 one verified build per rank, an engine with tensor_parallel_size=2 and build_dir loads them on every
-rank and gives TP=1's greedy tokens; a TP=1 build is refused by a TP=2 engine (and the other way
+rank (offline `LLM`) and gives TP=1's greedy tokens; a TP=1 build is refused by a TP=2 engine (and the other way
 round) with an error that names the TP sizes; a tampered rank-1 artifact is refused by rank 1's
 verification, raised on rank 0 as a BuildRefusedError. compile_mode="graph": the build holds the
 pass report of each rank (the Inductor blob is covered by tests/build's heavy tests)."""
@@ -82,7 +82,13 @@ def test_compile_writes_one_verified_build_per_rank_and_every_rank_loads_its_own
     # `compile --verify`: a recompile gives every rank's manifest.
     assert compile_main(["compile", "--model", model, *FLAGS, "--tensor-parallel-size", "2",
                          "--verify", str(builds)]) == 0
-    engine = LLMEngine(_config(model, 2, builds))
+    from compiled_serve import LLM
+
+    config = _config(model, 2, builds)
+    llm = LLM(**{f: getattr(config, f) for f in ("model", "load_format", "dtype", "device", "compile_mode",
+                                                  "num_kv_blocks", "max_num_seqs", "tensor_parallel_size",
+                                                  "build_cache", "build_dir")})
+    engine = llm.llm_engine
     try:
         digests = {b.manifest.key.model_config["tensor_parallel_rank"]: b.digest[:12] for b in stored}
         message = engine.startup_report()["build"]
@@ -91,7 +97,9 @@ def test_compile_writes_one_verified_build_per_rank_and_every_rank_loads_its_own
         assert rank_build_key(engine.config, engine.model_config, engine.weight_fingerprint, engine.pass_manager,
                               engine.dtype, engine.device, 0, 2) \
             == engine.build_key
-        assert _tokens(engine) == want
+        greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        got = {f"r{i}": o.outputs[0].token_ids for i, o in enumerate(llm.generate(PROMPTS, greedy))}
+        assert got == want
     finally:
         engine.shutdown()
 
