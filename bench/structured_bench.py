@@ -1,10 +1,12 @@
 """Structured-output costs on this machine: grammar compile times, mask fill per row, the masked
 tail against the unmasked one, and engine decode steps with and without a schema.
 
-1. compile: llguidance's tokenizer build (once per tokenizer), then each spec of
-   tests/structured_cases.py compiled without our cache: the first time, and the median of
-   REPEATS more (each a full compile: grammar text, matcher, first mask);
-2. mask: one bitmask row filled by a matcher mid-way through a JSON object, median us;
+1. compile, per backend (--backends: llguidance, xgrammar when installed): the backend's setup
+   on our tokenizer (llguidance's tokenizer; xgrammar's TokenizerInfo and compiler), then each
+   spec of tests/structured_cases.py compiled without our cache: the first time, and the median
+   of REPEATS more (each a full compile); specs a backend refuses are listed with the reason;
+2. mask, per backend: one bitmask row filled at three positions of a JSON object (mid-string,
+   after a colon, after a comma), median us; and fill + accept per token over a whole output;
 3. tail: the compiled logits tail (one fused_sample) at batch 1 and 64 at the model's vocabulary,
    with and without a bitmask (CUDA: torch.cuda.Event timing; CPU: perf_counter), median us;
 4. step: LLMEngine decode-step time at batch 1 and 64, unconstrained vs every row under the
@@ -13,13 +15,14 @@ tail against the unmasked one, and engine decode steps with and without a schema
 
     python bench/structured_bench.py [--device cpu|cuda] [--steps 24] [--out DIR]
 
-Writes DIR/structured_bench[_DEVICE].json (DIR: --out, else $OUT, else bench/results).
+Writes DIR/structured_bench[_TAG]_DEVICE.json (DIR: --out, else $OUT, else bench/results).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -45,29 +48,68 @@ def median_ms(fn, repeats: int = REPEATS) -> float:
     return statistics.median(times)
 
 
-def compile_times(tokenizer, vocab: int) -> dict:
-    from structured_cases import CHOICES, LARK, REGEX, SCHEMAS
+def _backend(name: str, tokenizer, vocab: int):
+    if name == "xgrammar":
+        from compiled_serve.structured.xgrammar_backend import XGrammarBackend
 
-    from compiled_serve.structured import StructuredOutputsParams as Spec
+        return XGrammarBackend(tokenizer, vocab)
     from compiled_serve.structured.llguidance_backend import LLGuidanceBackend
 
+    return LLGuidanceBackend(tokenizer, vocab)
+
+
+# Mask-fill positions in the nested_object schema: inside a string value (lexer state cached),
+# right after a key's colon (a value starts), and after a comma (a key must follow).
+MASK_PREFIXES = {"mid_string": '{"name":"Ann","address":{"city":"', "after_colon": '{"name":',
+                 "after_comma": '{"name":"Ann",'}
+
+
+def compile_times(tokenizer, vocab: int, backend_name: str) -> dict:
+    from structured_cases import CHOICES, LARK, REGEX, SCHEMAS
+
+    from compiled_serve.structured import GrammarError
+    from compiled_serve.structured import StructuredOutputsParams as Spec
+
     t0 = time.perf_counter()
-    backend = LLGuidanceBackend(tokenizer, vocab)
+    backend = _backend(backend_name, tokenizer, vocab)
     out = {"tokenizer_build_ms": (time.perf_counter() - t0) * 1e3}
     specs = {f"json:{name}": Spec(json=schema) for name, schema in SCHEMAS.items()}
     specs |= {"regex": Spec(regex=REGEX), "choice": Spec(choice=CHOICES), "lark": Spec(grammar=LARK),
               "json_object": Spec(json_object=True)}
-    # The first compile of each spec (llguidance keeps no cache between matchers, but the
-    # process's allocator and the tokenizer's tables are warm after the first), then the median.
-    out["first_compile_ms"] = {name: round(median_ms(lambda s=spec: backend.compile(s), repeats=1), 3)
-                               for name, spec in specs.items()}
+    # The first compile of each spec (neither backend caches between compiles here: xgrammar's own
+    # cache is off), then the median of REPEATS more.
+    refused, out["first_compile_ms"] = {}, {}
+    for name, spec in list(specs.items()):
+        t0 = time.perf_counter()
+        try:
+            backend.compile(spec)
+        except GrammarError as exc:  # xgrammar: a keyword it would not enforce
+            refused[name] = str(exc)
+            del specs[name]
+            continue
+        out["first_compile_ms"][name] = round((time.perf_counter() - t0) * 1e3, 3)
     out["compile_ms"] = {name: round(median_ms(lambda s=spec: backend.compile(s)), 3) for name, spec in specs.items()}
+    out["refused"] = refused
     grammar = backend.compile(specs["json:nested_object"])
-    matcher = grammar.matcher()
-    for token in tokenizer.encode('{"name":"Ann","address":{"city":"', add_special_tokens=False):
-        assert matcher.accept_token(token)
     row = np.empty(-(-vocab // 32), dtype=np.int32)
-    out["mask_fill_us"] = round(median_ms(lambda: matcher.fill_bitmask(row), repeats=50) * 1e3, 1)
+    out["mask_fill_us"] = {}
+    for where, prefix in MASK_PREFIXES.items():
+        matcher = grammar.matcher()
+        for token in tokenizer.encode(prefix, add_special_tokens=False):
+            assert matcher.accept_token(token), (backend_name, where)
+        out["mask_fill_us"][where] = round(median_ms(lambda m=matcher: m.fill_bitmask(row), repeats=50) * 1e3, 1)
+    # A whole constrained output, token by token: fill + accept per token (what a decode step
+    # costs per constrained row on the host).
+    text = '{"name":"Ann","address":{"city":"Paris","zip":"75001"}}'
+    ids = tokenizer.encode(text, add_special_tokens=False)
+
+    def walk() -> None:
+        matcher = grammar.matcher()
+        for token in ids:
+            matcher.fill_bitmask(row)
+            matcher.accept_token(token)
+
+    out["fill_accept_per_token_us"] = round(median_ms(walk, repeats=20) * 1e3 / len(ids), 1)
     return out
 
 
@@ -94,7 +136,7 @@ def tail_times(vocab: int, device: torch.device) -> dict:
     return out
 
 
-def step_times(device: str, steps: int) -> dict:
+def step_times(device: str, steps: int, backend: str = "auto") -> dict:
     from structured_cases import SCHEMAS
 
     from compiled_serve.config import EngineConfig
@@ -102,7 +144,8 @@ def step_times(device: str, steps: int) -> dict:
     from compiled_serve.sampling_params import SamplingParams
     from compiled_serve.structured import StructuredOutputsParams
 
-    engine = LLMEngine(EngineConfig(compile_mode="graph", device=device, max_num_seqs=64))
+    engine = LLMEngine(EngineConfig(compile_mode="graph", device=device, max_num_seqs=64,
+                                    structured_outputs_backend=backend))
     out = {}
     for batch in (1, 64):
         for name, spec in (("plain", None), ("schema", StructuredOutputsParams(json=SCHEMAS["nested_object"]))):
@@ -126,6 +169,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--backends", default="llguidance,xgrammar",
+                        help="grammar backends to compile and fill with (xgrammar: skipped when absent)")
+    parser.add_argument("--no-steps", action="store_true", help="skip the engine decode steps (part 4)")
+    parser.add_argument("--no-tail", action="store_true", help="skip the logits-tail timings (part 3)")
+    parser.add_argument("--tag", default="", help="suffix of the result's name (structured_bench_TAG_DEVICE.json)")
     args = parser.parse_args()
     from compiled_serve.llm import LLM  # noqa: F401  (the package, as the engine imports it)
     from compiled_serve.models.default_model import default_model_path
@@ -137,13 +185,20 @@ def main() -> None:
         "when": datetime.datetime.now().isoformat(timespec="seconds"), "device": args.device,
         "machine": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-        **compile_times(tokenizer, vocab),
-        "tail": tail_times(vocab, torch.device(args.device)),
-        "step": step_times(args.device, args.steps),
+        "backends": {},
     }
+    for name in args.backends.split(","):
+        if name == "xgrammar" and importlib.util.find_spec("xgrammar") is None:
+            result["backends"][name] = None  # not installed (the optional extra)
+            continue
+        result["backends"][name] = compile_times(tokenizer, vocab, name)
+    if not args.no_tail:
+        result["tail"] = tail_times(vocab, torch.device(args.device))
+    if not args.no_steps:
+        result["step"] = step_times(args.device, args.steps)
     out_dir = Path(args.out or os.environ.get("OUT") or REPO / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"structured_bench_{args.device}.json"
+    path = out_dir / f"structured_bench_{args.tag + '_' if args.tag else ''}{args.device}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {path}")
