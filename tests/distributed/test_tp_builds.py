@@ -8,6 +8,7 @@ pass report of each rank (the Inductor blob is covered by tests/build's heavy te
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -124,3 +125,30 @@ def test_a_tampered_rank_artifact_is_refused_by_that_rank(compiled, tmp_path):
     artifact.write_bytes(artifact.read_bytes().replace(b"paged", b"PAGED"))
     _start_fails(_config(model, 2, copy), BuildRefusedError,
                  rf"tensor-parallel rank 1: refusing build {rank1.digest[:12]}")
+
+
+@pytest.mark.heavy
+def test_inductor_per_rank_builds_record_and_load_every_rank_s_cache(compiled, tmp_path):
+    """compile_mode="inductor": each rank's build holds its own Inductor cache blob (the worker
+    recorded its compiles in a cache dir of its own), and a TP=2 engine from those builds gives
+    TP=1's tokens (~2-3 min on 2 cores)."""
+    from compiled_serve.cache.inductor_artifacts import INDUCTOR_CACHE_ARTIFACT
+
+    model, _, want = compiled
+    builds = tmp_path / "inductor"
+    flags = [f for f in FLAGS if f != "graph"]
+    flags[flags.index("--compile-mode") + 1:flags.index("--compile-mode") + 1] = ["inductor"]
+    assert compile_main(["compile", "--model", model, *flags, "--tensor-parallel-size", "2",
+                         "--build-dir", str(builds)]) == 0
+    stored = ArtifactStore(builds).list()
+    assert len(stored) == 2
+    for build in stored:
+        names = {a.name for a in build.manifest.artifacts}
+        assert INDUCTOR_CACHE_ARTIFACT in names, (build.manifest.key.model_config["tensor_parallel_rank"], names)
+    config = dataclasses.replace(_config(model, 2, builds), compile_mode="inductor")
+    engine = LLMEngine(config)
+    try:
+        assert engine.startup_report()["build"].count("loaded") == 2
+        assert _tokens(engine) == want
+    finally:
+        engine.shutdown()
