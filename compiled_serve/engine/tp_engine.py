@@ -186,8 +186,10 @@ class TensorParallelDriver:
         graphs.before_replay = before_replay
 
     def worker_build_messages(self) -> list[str]:
-        """What each worker did with its build ("rank 1: build ab12.. loaded: 1 artifacts"), once
-        the workers have stepped (each writes `build.R` before its first step)."""
+        """What each worker did with its build ("rank 1: build ab12.. loaded: 1 artifacts; Inductor:
+        4 graph(s) from cache, 0 generated"), asked once rank 0's warm-up is done."""
+        self._send([proto.STATUS])
+        self._guarded(dist.barrier)
         out = []
         for rank in range(1, self.size):
             path = os.path.join(self._dir, f"build.{rank}")

@@ -19,6 +19,8 @@ ops, one payload tensor whose shape the header gives:
   REPLAY  [REPLAY, kind, bucket, rows]                          then, into the set's static buffers:
           input_ids [bucket] | positions [bucket] | slot_mapping [bucket] | meta32 | block_tables
           [rows] (DecodeGraphs.replay_inputs); every rank replays the bucket's graph
+  STATUS  [STATUS]                                             each worker writes `build.R` (its build
+          and its Inductor cache hits/misses so far) beside the store, then a barrier
   STOP    [STOP]                                               the workers exit
 
 Nothing comes back: every rank runs the step and joins the collectives inside the compiled graph;
@@ -30,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-SETUP, STEP, LOGITS, STOP, SAVE_BUILD, MEASURE, GRAPHS, REPLAY = 1, 2, 3, 4, 5, 6, 7, 8
+SETUP, STEP, LOGITS, STOP, SAVE_BUILD, MEASURE, GRAPHS, REPLAY, STATUS = 1, 2, 3, 4, 5, 6, 7, 8, 9
 GRAPH_KINDS = ("decode", "mixed")
 HEADER_LEN = 8
 

@@ -8,7 +8,7 @@ mirrors rank 0's steps (tp_protocol.py) until STOP. It dies with its parent (PR_
 and a watchdog on the parent pid), so a crashed engine leaves no worker behind.
 
 Builds (build/tp_builds.py): with `build_dir` set it loads its own rank's build before its first
-compile (and says what it did in `build.R` beside the store); with --record-build (`compile`) it
+compile (and, on STATUS, says what it loaded and compiled in `build.R` beside the store); with --record-build (`compile`) it
 compiles in a fresh Inductor cache while torch records, and saves its build on SAVE_BUILD. An error
 that stops it is written to `error.R` ({"kind", "message"}) for rank 0 to raise.
 """
@@ -126,8 +126,7 @@ def serve_rank(rank: int, world_size: int, store_path: str, config) -> None:
     here = os.path.dirname(store_path)
     key = rank_build_key(config, mc, loaded.weight_fingerprint, manager, dtype, device, rank, world_size)
     status = open_rank_build(config, key, None)  # raises if this rank's build is refused
-    with open(os.path.join(here, f"build.{rank}"), "w") as f:
-        f.write(status.message if status is not None else "no build_dir (compiled)")
+    build_message = status.message if status is not None else "no build_dir (compiled)"
     step_fn, step_report = compile_model(loaded.module, mode=config.compile_mode, passes=manager)
     logits_fn, _ = compile_logits(loaded.module, rank, world_size, mode=config.compile_mode)
     kv_heads = head_split(mc.num_heads, mc.num_kv_heads, rank, world_size).num_kv_heads
@@ -170,6 +169,15 @@ def serve_rank(rank: int, world_size: int, store_path: str, config) -> None:
             for buffer in graphs.replay_inputs(b, c):
                 dist.broadcast(buffer, src=0)
             graphs.launch(b)  # joins the collectives inside the graph; rank 0 reads the hidden rows
+        elif op == proto.STATUS:  # after rank 0's warm-up: what this rank loaded, and what it compiled
+            from torch._dynamo.utils import counters
+
+            hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+            generated = f"; Inductor: {hits} graph(s) from cache, {misses} generated" \
+                if config.compile_mode == "inductor" else ""
+            with open(os.path.join(here, f"build.{rank}"), "w") as f:
+                f.write(build_message + generated)
+            dist.barrier()
         elif op == proto.SAVE_BUILD:
             path = torch.empty(a, dtype=torch.uint8, device=device)
             dist.broadcast(path, src=0)
