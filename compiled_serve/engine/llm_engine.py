@@ -411,7 +411,10 @@ class LLMEngine:
             inflight = None
             sched.scheduled = [s for s in sched.scheduled if not s.seq.status.finished]
         if sched.scheduled:
-            launched = self._launch(sched)
+            launched, early = self._launch(sched, inflight)
+            if early is not None:  # the step in flight was finished inside the launch (grammar masks)
+                outputs += early
+                inflight = None
             if self.config.scheduling == "sync" and launched is not None:
                 outputs += self._process(launched)
             else:
@@ -421,12 +424,19 @@ class LLMEngine:
         return outputs
 
     def _needs_host_tail(self, seq: Sequence) -> bool:
+        """Penalties, bias and min-tokens read the exact output so far: the step in flight is
+        finished before this one is scheduled. Grammar-constrained rows do not need that: their
+        masks are filled during the launch (`_launch`)."""
         p = seq.params
         return bool(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-                    or p.logit_bias or len(seq.output_token_ids) + seq.num_pending < p.min_tokens
-                    or self.structured.constrains(seq))
+                    or p.logit_bias or len(seq.output_token_ids) + seq.num_pending < p.min_tokens)
 
-    def _launch(self, sched: SchedulerOutput) -> InFlightStep | None:
+    def _launch(self, sched: SchedulerOutput, inflight: InFlightStep | None = None
+                ) -> tuple[InFlightStep | None, list[RequestOutput] | None]:
+        """Launches a step; with grammar-constrained rows (and no host-built tail), the forward is
+        enqueued first, then the step in flight is finished (its tokens accepted by the matchers)
+        and the masks filled while the device runs this step's forward; the tail follows with the
+        masks. Returns the step and, when it finished `inflight`, that step's outputs."""
         now = time.monotonic()
         for s in sched.scheduled:
             if s.seq.first_scheduled_time is None:
@@ -436,19 +446,27 @@ class LLMEngine:
         seqs = [s.seq for s in sched.scheduled]
         sampled = [seqs[i] for i in plan.sample_index.tolist()]
         offsets = np.fromiter((len(q.output_token_ids) + q.num_pending for q in sampled), np.int64, len(sampled))
-        special = None
-        if any(self._needs_host_tail(q) for q in sampled):
+        special = late_masks = None
+        early: list[RequestOutput] | None = None
+        if any(self._needs_host_tail(q) for q in sampled):  # the step in flight is finished already
             special = TailInputs.build([self._tail_row(q) for q in sampled], self.model_config.vocab_size,
                                        self.device)
+        elif any(self.structured.constrains(q) for q in sampled):
+            def late_masks() -> np.ndarray | None:
+                nonlocal early
+                if inflight is not None:
+                    early = self._process(inflight)  # accepts step N's tokens: the masks of N + 1 need them
+                return self.structured.bitmask_rows(sampled)
         asked = [q.params.logprobs for q in sampled if q.params.logprobs is not None]
-        step = self.step_runner.launch(plan, seqs, special, offsets, max(asked) if asked else None)
+        step = self.step_runner.launch(plan, seqs, special, offsets, max(asked) if asked else None,
+                                       late_bitmask=late_masks)
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             self._computed_tokens_total += s.num_new_tokens
         for q in sampled:
             q.num_pending += 1
             self.batch.add_placeholder(q)
-        return step
+        return step, early
 
     def _process(self, step: InFlightStep) -> list[RequestOutput]:
         """Takes a finished step's sampled ids into the sequences: stop checks, text, outputs."""

@@ -101,10 +101,14 @@ class StepRunner:
     # ---------------------------------------------------------------- launch
     @torch.inference_mode()
     def launch(self, plan: StepPlan, scheduled_seqs: list, special_tail: TailInputs | None,
-               offsets: np.ndarray, num_logprobs: int | None) -> InFlightStep | None:
+               offsets: np.ndarray, num_logprobs: int | None,
+               late_bitmask: Callable[[], np.ndarray | None] | None = None) -> InFlightStep | None:
         """Enqueues one step. `offsets`: Philox counter per sampled row (output length incl. in flight).
         `special_tail`: tail inputs built on the host for rows with penalties, bias or suppression
-        (the engine drains in-flight steps first for those); None = gather from the row table."""
+        (the engine drains in-flight steps first for those); None = gather from the row table.
+        `late_bitmask` (gathered tail only): called once the forward is enqueued, before the
+        tail: the host's grammar masks (int32 [N, ceil(V/32)]) of the sampled rows, or None, so
+        the engine finishes the previous step and fills the masks while the device runs the forward."""
         self._upload_params()
         graphs = self.runner.decode_graphs if plan.is_decode else self.runner.mixed_graphs
         bucket = None
@@ -170,7 +174,16 @@ class StepRunner:
             temperature, top_k, top_p, min_p, greedy = (t.index_select(0, d_sample_rows) for t in self._params)
             seeds = self._params_seed.index_select(0, d_sample_rows)
             args = (temperature, top_k.int(), top_p, min_p, seeds, d_offsets, greedy.bool()) + (None,) * 5
+            masks = late_bitmask() if late_bitmask is not None else None
+            if masks is not None:  # the tail's logprobs would be of the masked logits
+                host = torch.from_numpy(masks)
+                if self.pin:  # a pinned allocation, not pin_memory() (which asks the driver about the pointer)
+                    host = torch.empty(masks.shape, dtype=torch.int32, pin_memory=True)
+                    host.numpy()[:] = masks
+                args += (host.to(self.device, non_blocking=True),)
             sampled, tail_logprobs = self.logits_tail(logits, *args)
+            if masks is not None:
+                tail_logprobs = None
         self.next_tokens.index_copy_(0, d_sample_rows, sampled)
         token_ids = self._to_host(sampled)
         lps = None

@@ -3,9 +3,12 @@ bitmask rows, and what a sampled token does to the sequence.
 
 Everything here is errors-as-state: a matcher that fails (a token it cannot take, a resource
 limit mid-stream, an exception from the backend) ends that one sequence, aborted with the error
-as its `stop_reason`; nothing raises into the step loop. Constrained rows take the host-built
-tail (`LLMEngine._needs_host_tail`): the mask for step N+1 needs step N's token, so the engine
-finishes the step in flight first, as it does for penalties.
+as its `stop_reason`; nothing raises into the step loop. The mask for step N+1 needs step N's
+token: the engine enqueues step N+1's forward, then takes step N's ids (accepting them here) and
+fills N+1's rows (`bitmask_rows`) while the device runs that forward; the sampler follows with the
+masks (`LLMEngine._launch`, `StepRunner.launch(late_bitmask=...)`). Beside a row with penalties
+(the host-built tail) the engine finishes the step in flight first and the rows go through
+`bitmask_row`.
 """
 
 from __future__ import annotations
@@ -80,6 +83,18 @@ class StructuredState:
         if failed or not row.any():
             row[:] = self._eos_only.view(np.int32)
         return row
+
+    def bitmask_rows(self, seqs: list[Sequence]) -> np.ndarray | None:
+        """int32 [N, ceil(V/32)] for a step's sampled rows (all ones for unconstrained ones), or
+        None when none is constrained (any more: a sequence may have finished on its last token)."""
+        rows = [self.bitmask_row(seq) for seq in seqs]
+        if all(row is None for row in rows):
+            return None
+        out = np.full((len(seqs), self.words), -1, dtype=np.int32)
+        for j, row in enumerate(rows):
+            if row is not None:
+                out[j] = row
+        return out
 
     def accept(self, seq: Sequence, token_id: int) -> GrammarEnd | None:
         """Feeds a sampled token to the sequence's matcher: None to go on, else how it ends.
