@@ -60,7 +60,8 @@ def start_engine(config: EngineConfig, spinner: bool | None = None) -> LLMEngine
     with CompileProgress(enabled=on_a_terminal() if spinner is None else spinner) as progress, \
             _recording(cache):
         engine = LLMEngine(config, on_progress=progress.update, build_cache=cache)
-        dynamo = _minus(_dynamo_seconds(), dynamo_before)
+        backends = sum(g["seconds"] for report in (engine.compile_report, engine.tail_report) for g in report.graphs)
+        dynamo = max(0.0, _dynamo_seconds() - dynamo_before - backends)
         hits, misses = (after - before for after, before in zip(_inductor_counts(), inductor_before))
         logger.info(warmup_line(engine, dynamo, hits, misses))
         status = engine.build_status
@@ -98,6 +99,8 @@ def _store_build(engine: LLMEngine, cache: BuildCache) -> None:
     try:
         artifacts = capture_inductor_artifacts()
         artifacts[PASS_REPORT_ARTIFACT] = canonical_json(pass_report(engine.compile_report, engine.tail_report))
+        if engine.precompiled is not None:
+            artifacts.update(engine.precompiled.artifacts())
         cache.save(engine.build_key, artifacts, report={"model": engine.model_source,
                                                         "compile_seconds": round(engine.compile_seconds, 2)})
     except Exception as exc:  # the cache must never stop a start
@@ -118,21 +121,14 @@ def _inductor_counts() -> tuple[int, int]:
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
-def _dynamo_seconds() -> tuple[float, float]:
-    """(dynamo's whole compile time, the backend's part of it) so far in this process, from dynamo's
-    own timers (private API: zeros where it is missing)."""
+def _dynamo_seconds() -> float:
+    """Dynamo's whole compile time so far in this process (its plain compiles and its AOT
+    captures, backends included), from dynamo's own timers (private API: zero where missing)."""
     try:
         from torch._dynamo.utils import compilation_time_metrics
     except ImportError:
-        return 0.0, 0.0
-    whole = sum(compilation_time_metrics.get("_compile.compile_inner", []))
-    backend = sum(compilation_time_metrics.get("OutputGraph.call_user_compiler", []))
-    return whole, backend
-
-
-def _minus(after: tuple[float, float], before: tuple[float, float]) -> float:
-    """Dynamo's own time (capture, guards, bytecode) between two `_dynamo_seconds` readings."""
-    return max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
+        return 0.0
+    return sum(sum(compilation_time_metrics.get(key, [])) for key in ("_compile.compile_inner", "fullgraph_capture"))
 
 
 def warmup_line(engine: LLMEngine, dynamo_seconds: float, hits: int = 0, misses: int = 0) -> str:
@@ -140,6 +136,12 @@ def warmup_line(engine: LLMEngine, dynamo_seconds: float, hits: int = 0, misses:
     rest = max(0.0, engine.compile_seconds - backend - dynamo_seconds)
     generated = f"; Inductor: {hits} from cache, {misses} generated" if engine.config.compile_mode == "inductor" \
         else ""
+    pre = getattr(engine, "precompiled", None)
+    if pre is not None and pre.num_loaded:
+        loaded = f"{pre.num_loaded} precompiled function(s) loaded from the build in {pre.load_seconds:.1f}s, "
+        return (f"warm-up done in {engine.compile_seconds:.1f}s: {loaded}dynamo {dynamo_seconds:.1f}s "
+                f"({len(engine.compile_report.graphs) + len(engine.tail_report.graphs)} graph(s) traced), "
+                f"warm-up steps {max(0.0, engine.compile_seconds - pre.load_seconds - dynamo_seconds):.1f}s")
     return (f"warm-up done in {engine.compile_seconds:.1f}s: dynamo capture {dynamo_seconds:.1f}s, passes and "
             f"{engine.config.compile_mode} backend {backend:.1f}s ({len(engine.compile_report.graphs)} model "
             f"graph(s){generated}), warm-up steps and tail graphs {rest:.1f}s")

@@ -13,6 +13,7 @@ included; the penalty groups being given or None make the other graphs (four at 
 
 from __future__ import annotations
 
+import contextlib
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,12 +43,18 @@ def compile_logits_tail(
     compiled = torch.compile(_own_entry_point(), backend=backend, dynamic=True, fullgraph=True)
 
     def tail(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        from torch.fx.experimental import _config as fx_config
-
-        with fx_config.patch(backed_size_oblivious=True):  # no graph of its own for one row
+        with size_oblivious():  # no graph of its own for one row
             return compiled(*args)
 
+    tail.compiled = compiled  # type: ignore[attr-defined]  (for an AOT compile: compiled_serve.build.precompiled)
     return tail, report
+
+
+def size_oblivious() -> contextlib.AbstractContextManager:
+    """The config the tail is traced under: sizes reasoned about size-obliviously (one row included)."""
+    from torch.fx.experimental import _config as fx_config
+
+    return fx_config.patch(backed_size_oblivious=True)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ class CompileReport:
 
 
 def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: CompileReport) -> Callable:
+    from torch._dynamo.aot_compile_types import SerializableCallable
+
+    SerializableCallable.register(GraphCallable)  # what aot_compile accepts from a backend
     manager = as_pass_manager(passes)
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
@@ -63,13 +66,36 @@ def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: C
 
             compiled = compile_fx(gm, example_inputs)
         else:
-            compiled = gm.forward
+            compiled = GraphCallable(gm)
         entry["seconds"] = time.perf_counter() - start
         report.graphs.append(entry)
         logger.info("compiled %s %d (%s) in %.2fs", manager.label, len(report.graphs) - 1, mode, entry["seconds"])
         return compiled
 
     return backend
+
+
+class GraphCallable:
+    """The rewritten graph run as is ("graph" mode), in a form an AOT compile can serialise
+    (torch's SerializableCallable protocol: the GraphModule pickles as its generated code)."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+
+    def __call__(self, *args):
+        return self.gm.forward(*args)
+
+    @classmethod
+    def serialize_compile_artifacts(cls, fn: GraphCallable) -> bytes:
+        import pickle
+
+        return pickle.dumps(fn.gm)
+
+    @classmethod
+    def deserialize_compile_artifacts(cls, data: bytes) -> GraphCallable:
+        import pickle
+
+        return cls(pickle.loads(data))
 
 
 def compile_model(

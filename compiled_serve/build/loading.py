@@ -21,6 +21,8 @@ then stores the new build), since a cache must never stop a start.
 from __future__ import annotations
 
 import logging
+import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from compiled_serve.cache import (
     ArtifactTamperedError,
     BuildKey,
     InductorArtifactError,
+    triton_kernels,
 )
 from compiled_serve.cache.build_cache import BuildCache
 from compiled_serve.cache.inductor_artifacts import INDUCTOR_CACHE_ARTIFACT, install_inductor_artifacts
@@ -56,12 +59,21 @@ class BuildStatus:
     num_artifacts: int = 0
     installed: dict[str, list[str]] = field(default_factory=dict)
     cache: BuildCache | None = None  # set when the build came from (or goes to) the build cache
+    artifacts: Mapping[str, bytes] | None = None  # a loaded build's artifacts (its precompiled functions)
 
 
 def _install_inductor_cache(build) -> dict[str, list[str]]:
-    """Installs a build's Inductor cache artifact, if it has one; raises InductorArtifactError."""
+    """Installs a build's Inductor cache artifact and its compiled Triton kernels, if it has them;
+    raises InductorArtifactError."""
     blob = build.artifacts.get(INDUCTOR_CACHE_ARTIFACT)
-    return install_inductor_artifacts(blob) if blob is not None else {}
+    installed = install_inductor_artifacts(blob) if blob is not None else {}
+    kernels = build.artifacts.get(triton_kernels.TRITON_KERNELS_ARTIFACT)
+    if kernels is not None:
+        try:
+            installed["triton_kernels"] = triton_kernels.install_triton_kernels(kernels, triton_kernels.triton_cache_dir())
+        except (ValueError, OSError, tarfile.TarError) as exc:
+            raise InductorArtifactError(f"{triton_kernels.TRITON_KERNELS_ARTIFACT}: {exc}") from exc
+    return installed
 
 
 def open_build(config: EngineConfig, key: BuildKey, cache: BuildCache | None) -> BuildStatus | None:
@@ -87,7 +99,7 @@ def open_build(config: EngineConfig, key: BuildKey, cache: BuildCache | None) ->
     n = len(build.artifacts)
     logger.info("build %s loaded from the build cache %s: %d artifacts", digest[:12], cache.root, n)
     return BuildStatus(True, f"cache hit: build {digest[:12]} loaded ({n} artifacts)", digest, n, installed,
-                       cache=cache)
+                       cache=cache, artifacts=build.artifacts)
 
 
 def load_build(build_dir: str | Path, key: BuildKey, fallback: str = "refuse") -> BuildStatus:
@@ -120,4 +132,5 @@ def load_build(build_dir: str | Path, key: BuildKey, fallback: str = "refuse") -
         raise BuildRefusedError(f"refusing build {digest[:12]} in {build_dir}: {exc}") from exc
     n = len(build.artifacts)
     logger.info("build %s loaded from %s: %d artifacts", digest[:12], build_dir, n)
-    return BuildStatus(True, f"build {digest[:12]} loaded: {n} artifacts", digest, n, installed)
+    return BuildStatus(True, f"build {digest[:12]} loaded: {n} artifacts", digest, n, installed,
+                       artifacts=build.artifacts)

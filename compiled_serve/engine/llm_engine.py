@@ -177,6 +177,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.mixed_buckets if self.use_cuda_graphs else ())
+        self.precompiled = None  # CPU in-process: AOT-compiled step and tail kept in the build
+        if self.device.type == "cpu" and self.tp is None:
+            from compiled_serve.build.precompiled import engine_precompiled
+
+            self.precompiled, step_fn, self.logits_tail = engine_precompiled(self, step_fn)
         self.runner = ModelRunner(self.model, step_fn, self.kv_caches, block_size, self.device)
         if self.tp is not None:  # graphs capture the bare step; the driver mirrors each set and replay
             self.runner.graph_step_fn, self.runner.on_new_graphs = self.tp.raw_step, self.tp.mirror_graphs
@@ -232,9 +237,11 @@ class LLMEngine:
         if self.config.scheduling == "legacy":
             self._legacy_warmup()
         else:
-            self._run_warmup_requests()
+            # A warm start whose build holds every function variant the cold start's full warm-up
+            # compiled has nothing left to compile: a short check instead (build/precompiled.py).
+            self._run_warmup_requests(full=self.precompiled is None or not self.precompiled.complete)
 
-    def _run_warmup_requests(self) -> None:
+    def _run_warmup_requests(self, full: bool = True) -> None:
         """Runs what serving will hit through the real step path, before "ready": a full-budget
         prefill, a mixed step (a prefill chunk beside decodes), decode steps, both tail variants
         (row-table and host-built), the logprobs path and grammar-constrained rows. CUDA graphs
@@ -250,6 +257,13 @@ class LLMEngine:
         budget = cfg.max_num_batched_tokens
         on_gpu = self.device.type == "cuda"
         try:
+            if not full:
+                # One prefill and decodes through the loaded step and tail, and the grammar
+                # backend's tokenizer built before the first request; no other real steps.
+                self.add_request("__warmup_a__", [0] * 3, SamplingParams(max_tokens=2, ignore_eos=True))
+                self._drain_warmup()
+                self._warmup_grammar_backend()
+                return
             # The full budget on CUDA (kernel variants and autotuning for large steps); on the
             # CPU, where one dynamic graph serves every size, a short prompt is enough.
             long_len = max(2, min(budget if on_gpu else 2 * cfg.block_size + 3, self.max_model_len - 4))
@@ -279,13 +293,8 @@ class LLMEngine:
         more tail graphs), and on CUDA the bitmask kernel; also builds the grammar backend's
         tokenizer (about a second) before the first request instead of during it. A model whose
         tokenizer the backend cannot use serves no constrained request: nothing to warm."""
-        if self.tokenizer is None:
-            return
-        try:
-            spec = StructuredOutputsParams(regex="[a-z]{1,3}")
-            self.structured.compile(SamplingParams(structured_outputs=spec))
-        except Exception as exc:  # noqa: BLE001  (the requests will get the same error as a 400)
-            logger.info("no constrained warm-up: %s", exc)
+        spec = self._warmup_grammar_backend()
+        if spec is None:
             return
         constrained = SamplingParams(max_tokens=3, temperature=0.8, structured_outputs=spec)
         self.add_request("__warmup_g0__", [0] * 3, constrained)
@@ -294,6 +303,19 @@ class LLMEngine:
         self.add_request("__warmup_g2__", [0] * 3,
                          SamplingParams(max_tokens=2, ignore_eos=True, repetition_penalty=1.1))
         self._drain_warmup()
+
+    def _warmup_grammar_backend(self) -> StructuredOutputsParams | None:
+        """Builds the grammar backend's tokenizer; the spec it compiled, or None where the model
+        serves no constrained request."""
+        if self.tokenizer is None:
+            return None
+        try:
+            spec = StructuredOutputsParams(regex="[a-z]{1,3}")
+            self.structured.compile(SamplingParams(structured_outputs=spec))
+        except Exception as exc:  # noqa: BLE001  (the requests will get the same error as a 400)
+            logger.info("no constrained warm-up: %s", exc)
+            return None
+        return spec
 
     def _drain_warmup(self) -> None:
         while self.has_unfinished_requests():
@@ -604,6 +626,12 @@ class LLMEngine:
                      f"{mixed.capture_seconds:.1f}s, pool {mixed.pool_bytes / 2**20:.0f} MiB")
         return text
 
+    def _compile_status(self) -> str:
+        pre = self.precompiled
+        if pre is not None and pre.num_loaded and not self.compile_report.num_graphs:
+            return f"loaded {pre.num_loaded} precompiled function(s) (no trace) in {self.compile_seconds:.1f}s"
+        return f"compiled {self.compile_report.num_graphs} graph(s) in {self.compile_seconds:.1f}s"
+
     def startup_report(self) -> dict:
         return {
             "model": self.model_source,
@@ -615,7 +643,7 @@ class LLMEngine:
             "kv_cache_tokens": self.block_manager.num_blocks * self.config.block_size,
             "max_model_len": self.max_model_len,
             "compile_mode": self.config.compile_mode,
-            "compile_status": f"compiled {self.compile_report.num_graphs} graph(s) in {self.compile_seconds:.1f}s",
+            "compile_status": self._compile_status(),
             "build": self.build_status.message if self.build_status else "none (no build_dir, no build cache)",
             "cuda_graphs": self._cuda_graph_status(),
             "load_seconds": round(self.load_seconds, 2),
