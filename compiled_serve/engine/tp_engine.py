@@ -167,8 +167,9 @@ class TensorParallelDriver:
         """`cuda_graphs.measure_capture_bytes` on every rank at once (its warm-up and replay run the
         step's collectives); rank 0's figure sizes the KV cache, which SETUP then gives everyone."""
         self._send([proto.MEASURE, bucket, max_seq_len])
-        return self._guarded(measure_capture_bytes, self.raw_step, num_layers, block_size, num_kv_heads, head_dim,
-                             dtype, bucket, max_seq_len, device)
+        # Unguarded: an out-of-memory error here is the user's to see as such, not a "collective failed".
+        return measure_capture_bytes(self.raw_step, num_layers, block_size, num_kv_heads, head_dim, dtype, bucket,
+                                     max_seq_len, device)
 
     def mirror_graphs(self, graphs: DecodeGraphs, kind: str) -> None:
         """Rank 0 is about to capture `graphs` (ModelRunner.on_new_graphs): the workers build the
@@ -265,7 +266,7 @@ class TensorParallelDriver:
 
     def _wait_for_an_exit(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and all(p.poll() is None for p in self.workers):
+        while self.workers and time.monotonic() < deadline and all(p.poll() is None for p in self.workers):
             time.sleep(0.05)
 
     def _worker_error(self, rank: int) -> dict[str, str] | None:
