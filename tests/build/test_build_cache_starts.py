@@ -107,6 +107,8 @@ from torch._dynamo.utils import counters
 print("STATUS", engine.build_status.loaded, flush=True)
 print("SUMMARY", engine.startup_report()["build"], flush=True)
 print("COUNTERS", dict(counters["inductor"]), flush=True)
+print("TRACED", engine.compile_report.num_graphs + engine.tail_report.num_graphs, flush=True)
+print("PRECOMPILED", engine.precompiled.num_loaded, engine.precompiled.num_compiled, flush=True)
 """
 
 
@@ -169,22 +171,26 @@ def test_concurrent_starts_share_one_sound_build(tmp_path: Path, cache_root: Pat
 
 @pytest.mark.heavy
 def test_inductor_warm_start_compiles_nothing(tmp_path: Path, cache_root: Path) -> None:
-    """Each process gets an empty Inductor cache dir: the second one's hit can only come from the
-    build cache, and Inductor's own counters show it generated no code."""
+    """Each process gets an empty Inductor cache dir, so what the second one runs can only come
+    from the build cache: it loads the cold start's AOT-compiled functions (build/precompiled.py),
+    traces nothing, and Inductor generates no code and looks nothing up."""
     out1, _ = _finish(_start_in_subprocess(tmp_path, cache_root, "inductor", tmp_path / "inductor-1"))
     out2, _ = _finish(_start_in_subprocess(tmp_path, cache_root, "inductor", tmp_path / "inductor-2"))
 
-    def counters(out: str) -> dict[str, int]:
-        line = next(line for line in out.splitlines() if line.startswith("COUNTERS "))
-        return json.loads(line.removeprefix("COUNTERS ").replace("'", '"'))
+    def line(out: str, tag: str) -> str:
+        return next(x for x in out.splitlines() if x.startswith(tag + " ")).removeprefix(tag + " ")
 
-    cold, warm = counters(out1), counters(out2)
-    assert "STATUS False" in out1 and cold.get("fxgraph_cache_miss", 0) >= 1
-    assert "STATUS True" in out2
-    assert warm.get("fxgraph_cache_miss", 0) == 0 and warm.get("fxgraph_cache_hit", 0) >= 1, warm
+    cold, warm = (json.loads(line(out, "COUNTERS").replace("'", '"')) for out in (out1, out2))
+    assert "STATUS False" in out1 and int(line(out1, "TRACED")) >= 2
+    loaded, compiled = map(int, line(out1, "PRECOMPILED").split())
+    assert loaded == 0 and compiled >= 2
+    assert "STATUS True" in out2 and line(out2, "TRACED") == "0"
+    assert line(out2, "PRECOMPILED") == f"{compiled} 0"
+    assert warm.get("fxgraph_cache_miss", 0) == 0 and warm.get("fxgraph_cache_hit", 0) == 0, warm
     # The startup summary reports the same counters.
-    assert f"Inductor: 0 graph(s) from cache, {cold['fxgraph_cache_miss']} generated" in out1
-    assert f"Inductor: {warm['fxgraph_cache_hit']} graph(s) from cache, 0 generated" in out2
+    assert f"Inductor: {warm.get('fxgraph_cache_hit', 0)} graph(s) from cache, 0 generated" in out2
+    assert f"Inductor: {cold.get('fxgraph_cache_hit', 0)} graph(s) from cache, " \
+           f"{cold.get('fxgraph_cache_miss', 0)} generated" in out1
 
 
 def _tiny_gguf(tmp_path: Path) -> str:
