@@ -1,4 +1,5 @@
-"""`compiled-serve serve --tensor-parallel-size 2` end to end: the same text as a TP=1 engine, every
+"""`compiled-serve serve --tensor-parallel-size 2 --build-dir` (per-rank builds from `compile
+--tensor-parallel-size 2`) end to end: the same text as a TP=1 engine (n=2 and a shared prefix too), every
 listening socket of the server, its engine core and the worker on 127.0.0.1; killing the worker
 mid-stream ends the request with an error, turns /health to 503, and leaves no process behind."""
 
@@ -92,14 +93,14 @@ def model_json(tmp_path_factory) -> str:
     return str(path)
 
 
-def _start(model: str) -> tuple[subprocess.Popen, int]:
+def _start(model: str, build_dir: str) -> tuple[subprocess.Popen, int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "compiled_serve.cli", "serve", "--model", model, "--load-format", "dummy",
                "--tokenizer", str(MINILM_DIR), "--compile-mode", "graph", "--num-kv-blocks", "64",
                "--max-num-seqs", "4", "--tensor-parallel-size", "2", "--port", str(port), "--log-level", "warning",
-               "--no-build-cache"]
+               "--build-dir", build_dir]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     assert server.stdout is not None
@@ -149,7 +150,14 @@ def test_tp2_server_matches_tp1_binds_loopback_and_survives_a_dead_worker(model_
                 want_shared[out.request_id] = [c.text for c in out.outputs]
     del reference
 
-    server, port = _start(model_json)
+    # Per-rank builds (build/tp_builds.py): the server starts only if both ranks find and verify theirs.
+    from compiled_serve.build.command import main as compile_main
+
+    build_dir = str(Path(model_json).parent / "builds")
+    assert compile_main(["compile", "--model", model_json, "--load-format", "dummy", "--compile-mode", "graph",
+                         "--num-kv-blocks", "64", "--max-num-seqs", "4", "--tensor-parallel-size", "2",
+                         "--build-dir", build_dir, "--no-progress"]) == 0
+    server, port = _start(model_json, build_dir)
     url = f"http://127.0.0.1:{port}"
     try:
         body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
