@@ -34,6 +34,7 @@ from compiled_serve.cache.inductor_artifacts import (
     capture_inductor_artifacts,
     recording_compile_artifacts,
 )
+from compiled_serve.cache.triton_kernels import TRITON_KERNELS_ARTIFACT, pack_triton_kernels
 from compiled_serve.config import EngineConfig
 from compiled_serve.errors import CompiledServeError
 
@@ -71,19 +72,23 @@ def fresh_inductor_cache(config: EngineConfig) -> Iterator[Path]:
     tag = hashlib.sha256(repr(dataclasses.replace(config, build_dir=None)).encode()).hexdigest()[:16]
     root = Path(tempfile.gettempdir()) / f"compiled-serve-build-{tag}"
     lock_path = root.with_name(root.name + ".lock")
-    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Triton's cache too, even where the user pinned one: every kernel the build compiles (ours
+    # and Inductor's) lands in root/triton, which the build packs (cache/triton_kernels.py).
+    saved = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     with open(lock_path, "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir()
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root)
+        os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
         try:
             yield root
         finally:
-            if old is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
             shutil.rmtree(root, ignore_errors=True)
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
@@ -106,10 +111,13 @@ def build_artifacts(config: EngineConfig, progress: CompileProgress) -> tuple[An
 
     from compiled_serve.engine.llm_engine import LLMEngine
 
-    with fresh_inductor_cache(config), recording_compile_artifacts(), recording_worker_builds():
+    with fresh_inductor_cache(config) as root, recording_compile_artifacts(), recording_worker_builds():
         torch._dynamo.reset()
         engine = LLMEngine(dataclasses.replace(config, build_dir=None), on_progress=progress.update)
         artifacts = capture_inductor_artifacts()
+        kernels = pack_triton_kernels(root / "triton")  # GPU only: the CPU path compiles no Triton
+        if kernels is not None:
+            artifacts[TRITON_KERNELS_ARTIFACT] = kernels
     if INDUCTOR_CACHE_ARTIFACT in artifacts:
         artifacts[INDUCTOR_CACHE_ARTIFACT] = normalize_cache_blob(artifacts[INDUCTOR_CACHE_ARTIFACT])
     artifacts[PASS_REPORT_ARTIFACT] = canonical_json(pass_report(engine.compile_report, engine.tail_report))
