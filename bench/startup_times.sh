@@ -27,8 +27,10 @@ serve_to_health() {  # $1: label
 llm_start() {  # $1: label
   local t0
   t0=$(date +%s.%N)
-  .venv/bin/python -c "from compiled_serve import LLM; LLM()" > "$WORK/$1.log" 2>&1 || { echo "$1 failed"; return 1; }
-  echo "$1 $(echo "$(date +%s.%N) - $t0" | bc) s load $(cut -d' ' -f1 /proc/loadavg)"
+  .venv/bin/python -c "from compiled_serve import LLM; LLM()
+import resource; r = resource.getrusage(resource.RUSAGE_SELF); print(f'CPU {r.ru_utime + r.ru_stime:.1f} s')" \
+    > "$WORK/$1.log" 2>&1 || { echo "$1 failed"; return 1; }
+  echo "$1 $(echo "$(date +%s.%N) - $t0" | bc) s load $(cut -d' ' -f1 /proc/loadavg) $(grep '^CPU' "$WORK/$1.log")"
 }
 
 export COMPILED_SERVE_CACHE_ROOT="$WORK/serve-cache"
