@@ -206,7 +206,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     finals = await collect_final(streams, request)
     choices = []
     for output in finals[0].outputs:
-        parsed = parse_output(parsers, output.text, cut=output.finish_reason == "length")
+        parsed = parse_output(parsers, output.text)
         choices.append({
             "index": output.index,
             "message": chat_message(parsed),
@@ -246,8 +246,7 @@ def _stream(body: ChatCompletionRequest, model: str, request_id: str, streams: l
     def choice(delta: ChoiceDelta) -> dict[str, Any]:
         completion = delta.completion
         parser = choice_parsers.setdefault((delta.stream_index, completion.index), ChoiceParser(parsers))
-        parsed = parser.finish(completion.text, cut=completion.finish_reason == "length") \
-            if completion.finished else parser.update(completion.text)
+        parsed = parser.finish(completion.text) if completion.finished else parser.update(completion.text)
         event = {"index": completion.index, "delta": _delta_message(parsed),
                  "logprobs": chat_logprobs(completion, delta.token_start, top)}
         if completion.finished:

@@ -2,8 +2,9 @@
 
 The reasoning parser runs first; the tool parser sees only the content it leaves. Streamed,
 `ChoiceParser.update` takes the cumulative text and returns what is new; `finish` returns the
-rest, so the pieces join into `parse_output` of the full text. `cut` (both): the text ended on
-the token budget, so a call cut off mid-way is still a call (tool_parsers/base.py, `parse_cut`).
+rest, so the pieces join into `parse_output` of the full text. Both read a finished text with
+`parse_cut` (tool_parsers/base.py), whatever ended it (the token budget, EOS or a stop string
+mid-call): a call the stream announced is a call in both answers.
 """
 
 from __future__ import annotations
@@ -40,15 +41,14 @@ class OutputDelta:
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
-def parse_output(parsers: OutputParsers, text: str, call_id: Callable[[], str] = new_call_id,
-                 cut: bool = False) -> ParsedOutput:
+def parse_output(parsers: OutputParsers, text: str, call_id: Callable[[], str] = new_call_id) -> ParsedOutput:
     reasoning, content = None, text
     if parsers.reasoning is not None:
         split = parsers.reasoning.split(text)
         reasoning, content = split.reasoning, split.content
     calls = []
     if parsers.tools is not None:
-        parsed = parsers.tools.parse_cut(content) if cut else parsers.tools.parse(content)
+        parsed = parsers.tools.parse_cut(content)
         content, calls = parsed.content, parsed.calls[: parsers.max_calls]
     return ParsedOutput(reasoning, content, calls, [call_id() for _ in calls])
 
@@ -60,14 +60,14 @@ class ChoiceParser:
         self._reasoning_sent = 0
         self._content_sent = 0
 
-    def _step(self, reasoning: str | None, content: str, final: bool, cut: bool = False) -> OutputDelta:
+    def _step(self, reasoning: str | None, content: str, final: bool) -> OutputDelta:
         delta = OutputDelta(reasoning=(reasoning or "")[self._reasoning_sent:])
         self._reasoning_sent += len(delta.reasoning)
         if self._tools is None:
             delta.content = content[self._content_sent:]
             self._content_sent += len(delta.content)
             return delta
-        tools = self._tools.finish(content, cut) if final else self._tools.update(content)
+        tools = self._tools.finish(content) if final else self._tools.update(content)
         limit = self._parsers.max_calls
         delta.content = tools.content
         delta.tool_calls = [call for call in tools.tool_calls if limit is None or call.index < limit]
@@ -79,11 +79,11 @@ class ChoiceParser:
         split = self._parsers.reasoning.split_partial(text)
         return self._step(split.reasoning, split.content, final=False)
 
-    def finish(self, text: str, cut: bool = False) -> OutputDelta:
+    def finish(self, text: str) -> OutputDelta:
         if self._parsers.reasoning is None:
-            return self._step(None, text, final=True, cut=cut)
+            return self._step(None, text, final=True)
         split = self._parsers.reasoning.split(text)
-        return self._step(split.reasoning, split.content, final=True, cut=cut)
+        return self._step(split.reasoning, split.content, final=True)
 
     @property
     def called(self) -> bool:

@@ -123,7 +123,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         return SSEResponse(_stream(events, streams, parsers, keep))
     final = (await collect_final(streams, request))[0]
     completion = final.outputs[0]
-    events.add(ChoiceParser(parsers).finish(completion.text, cut=completion.finish_reason == "length"))
+    events.add(ChoiceParser(parsers).finish(completion.text))
     events.finish(completion.finish_reason == "length", _usage(final))
     keep()
     return JSONResponse(events.response)
@@ -139,8 +139,7 @@ async def _stream(events: ResponseEvents, streams: list[RequestStream], parsers:
         async for _, output in merge_streams(streams):
             final = output
             completion = output.outputs[0]
-            delta = parser.finish(completion.text, cut=completion.finish_reason == "length") \
-                if completion.finished else parser.update(completion.text)
+            delta = parser.finish(completion.text) if completion.finished else parser.update(completion.text)
             for event in events.add(delta):
                 yield event
         for event in events.finish(final is not None and final.outputs[0].finish_reason == "length", _usage(final)):

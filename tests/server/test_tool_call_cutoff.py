@@ -87,3 +87,36 @@ def test_a_cut_off_call_is_the_same_streamed_and_not(served) -> None:
         assert _streamed(client, parser, max_tokens) == cut, f"streamed, cut after {raw!r}"
         called.append(bool(cut["calls"]))
     assert called[0] is False and called[-1] is True  # both sides of the arguments' start were cut
+
+
+def _ended(client: openai.OpenAI, parser: str, stream: bool, **ending: Any) -> dict[str, Any]:
+    request = _request(parser, 64) | ending
+    if stream:
+        return _streamed_with(client, request)
+    choice = client.chat.completions.create(**request).choices[0]
+    return {"content": choice.message.content or "",
+            "calls": [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []],
+            "finish": choice.finish_reason}
+
+
+def _streamed_with(client: openai.OpenAI, request: dict[str, Any]) -> dict[str, Any]:
+    content, calls, finish = streamed_chat(client, **request)
+    return {"content": content, "calls": [call[1:] for call in calls], "finish": finish}
+
+
+@pytest.mark.heavy  # 4 constrained requests per parser on the real model
+def test_a_call_ended_by_a_stop_string_or_eos_mid_object_is_the_same_streamed_and_not(served) -> None:
+    """The model's text ends inside the call's arguments, on a stop string (the engine's stop) or
+    on EOS (a regex that ends mid-object, so the grammar's next mask is EOS only). Before, the
+    non-streamed answer was all content with finish_reason "stop" while the stream had already
+    sent the call; now both are the call as far as it was written."""
+    parser, client = served
+    start = CALL_TEXT[parser].index(ARGUMENTS)
+    cut = CALL_TEXT[parser].index("celsius")  # mid-arguments: `{"city": "Paris", "unit": "`
+    want = {"content": "", "calls": [("get_weather", CALL_TEXT[parser][start:cut])], "finish": "tool_calls"}
+    on_stop = {"stop": ["celsius"]}
+    on_eos = {"extra_body": {"structured_outputs": {"regex": _literal_regex(CALL_TEXT[parser][:cut])}}}
+    for ending in (on_stop, on_eos):
+        whole = _ended(client, parser, stream=False, **ending)
+        assert whole == want, ending
+        assert _ended(client, parser, stream=True, **ending) == whole, ending

@@ -13,6 +13,7 @@ import pytest
 from compiled_serve.server.output_parsing import ChoiceParser, OutputParsers, parse_output
 from compiled_serve.server.reasoning import REASONING_PARSERS
 from compiled_serve.server.tool_parsers import TOOL_PARSERS, ForcedCallParser
+from compiled_serve.server.tool_parsers.json_scan import json_prefix_length
 
 WEATHER = '{"city": "Paris", "unit": "celsius", "days": [1, 2], "note": "a \\"quoted\\" }"}'
 
@@ -27,9 +28,10 @@ CASES: list[tuple[str, str | None, str, str | None, str, list[tuple[str, Any]]]]
     ("hermes", None, '<tool_call>{"name": "a", "arguments": {"x": 1}}', None, "", [("a", {"x": 1})]),
     ("hermes", None, '<tool_call>{"name": "q", "arguments": "{\\"k\\": [true, null]}"}</tool_call>',
      None, "", [("q", {"k": [True, None]})]),
-    # Broken calls: the whole text is content.
-    ("hermes", None, '<tool_call>{"name": "a", "arguments": {"x": 1}', None,
-     '<tool_call>{"name": "a", "arguments": {"x": 1}', []),
+    # A text that ends inside a call (EOS or a stop string mid-object): the call as far as written,
+    # as a stream has already announced it.
+    ("hermes", None, '<tool_call>{"name": "a", "arguments": {"x": 1}', None, "", [("a", {"x": 1})]),
+    # Not calls: the whole text is content.
     ("hermes", None, "I use <tool_call> tags like <tool_call>this</tool_call>.", None,
      "I use <tool_call> tags like <tool_call>this</tool_call>.", []),
     ("llama3_json", None, '{"name": "weather", "parameters": {"city": "Oslo"}}', None, "",
@@ -52,9 +54,6 @@ CASES: list[tuple[str, str | None, str, str | None, str, list[tuple[str, Any]]]]
     (None, "deepseek_r1", "<think>opened again</think>", "opened again", "", []),
     (None, "deepseek_r1", "never closed <", "never closed <", "", []),
 ]
-
-
-UNFINISHED_CALLS = {'<tool_call>{"name": "a", "arguments": {"x": 1}'}
 
 
 def _parsers(tool: str | None, reasoning: str | None) -> OutputParsers:
@@ -107,10 +106,6 @@ def test_stream_joins_into_final_at_every_split(tool: str | None, reasoning: str
     prefix_lists = [[text[:i] for i in range(len(text) + 1)]] + [[text[:cut]] for cut in range(len(text) + 1)]
     for prefixes in prefix_lists:
         joined = _joined(parsers, prefixes, text)
-        if text in UNFINISHED_CALLS:
-            # A call announced while it was written cannot be taken back; the content still
-            # falls back to the whole text, as in the final parse.
-            joined["calls"] = []
         assert joined == want, f"fed {prefixes[-1]!r} before the end"
 
 
@@ -131,11 +126,33 @@ def test_content_is_never_sent_before_it_is_known_not_to_open_a_call() -> None:
 
 
 def test_parsers_never_evaluate_model_output() -> None:
-    # Python literals are not JSON: a parser that used eval/ast would accept these.
-    for text in ["<tool_call>{'name': 'a', 'arguments': {}}</tool_call>",
-                 '<tool_call>{"name": "a", "arguments": {"x": __import__("os")}}</tool_call>',
-                 '<tool_call>{"name": "a", "arguments": {"x": True}}</tool_call>']:
-        assert parse_output(_parsers("hermes", None), text).calls == []
+    """Python literals are not JSON: a parser that used eval/ast would accept these. The strict
+    parse finds no call; a stream has announced the last two (name and `{"x": ` were JSON), so the
+    endpoints' answer keeps them, with the arguments only as far as they are JSON."""
+    texts = ["<tool_call>{'name': 'a', 'arguments': {}}</tool_call>",
+             '<tool_call>{"name": "a", "arguments": {"x": __import__("os")}}</tool_call>',
+             '<tool_call>{"name": "a", "arguments": {"x": True}}</tool_call>']
+    parsers = _parsers("hermes", None)
+    for text in texts:
+        assert parsers.tools.parse(text).calls == []
+        assert _joined(parsers, [text[:i] for i in range(len(text) + 1)], text) == _final(parsers, text)
+    assert parse_output(parsers, texts[0]).calls == []
+    for text in texts[1:]:
+        assert [(c.name, c.arguments) for c in parse_output(parsers, text).calls] == [("a", '{"x": ')]
+
+
+def test_json_prefix_length() -> None:
+    """How far a text is JSON: every prefix of a valid value entirely, stopping at a value's end
+    or at the first character no JSON could have there."""
+    for doc in [WEATHER, "{}", "[]", '{"a": [true, false, null, -1.5e+3, 0, {"b": "\\u00e9\\n"}]}',
+                '{ "a" : { } }', '{"y": -2.5e3}']:
+        json.loads(doc)
+        assert all(json_prefix_length(doc[:k], 0) == k for k in range(len(doc) + 1)), doc
+        assert json_prefix_length(doc + "}\n</tool_call>", 0) == len(doc)
+    for doc, good in [('{"x": True}', 6), ('{"x": 01}', 7), ("{'a': 1}", 1), ('{"x": 1.e5}', 8),
+                      ('{"a" 1}', 5), ('{"a": "b\x01"}', 8), ('{"a": tru}', 9), ("[1,]", 3), ('{"a":1,}', 7),
+                      ('{"a": "\\q"}', 7)]:
+        assert json_prefix_length(doc, 0) == good, doc
 
 
 # (parser, full transcript, content before the calls): each call's name precedes its arguments.
@@ -161,10 +178,13 @@ def _argument_spans(text: str) -> list[tuple[str, int, int]]:
 
 
 @pytest.mark.parametrize("tool, text, before", CUT_TRANSCRIPTS)
-def test_a_call_cut_by_the_token_budget_is_the_same_streamed_and_not(tool: str, text: str, before: str) -> None:
-    """finish_reason "length" at every point: the streamed deltas join into the non-streamed
-    parse, and both are the calls as far as they were written (the last one's arguments a prefix
-    of the uncut text's), or, before any call's arguments start, the whole text as content."""
+def test_a_call_cut_anywhere_is_the_same_streamed_and_not(tool: str, text: str, before: str) -> None:
+    """The text ends at every point, whatever ended it (the token budget, EOS or a stop string
+    mid-object: the endpoints read all of them alike): the streamed deltas join into the
+    non-streamed parse, and both are the calls as far as they were written (the last one's
+    arguments a prefix of the uncut text's), or, before any call's arguments start, the whole
+    text as content. (Before, a text ended by EOS mid-call was all content non-streamed, while
+    the stream had already sent the call.)"""
     parsers = _parsers(tool, None)
     spans = _argument_spans(text)
     assert len(spans) == 2 and [(c.name, c.arguments) for c in parse_output(parsers, text).calls] == \
@@ -174,13 +194,13 @@ def test_a_call_cut_by_the_token_budget_is_the_same_streamed_and_not(tool: str, 
         calls = [(name, prefix[start:end]) for name, start, end in spans if start < cut]
         want = {"reasoning": "", "content": before if calls else prefix,
                 "calls": [{"id": f"call_{i}", "name": n, "arguments": a} for i, (n, a) in enumerate(calls)]}
-        parsed = parse_output(parsers, prefix, _ids(), cut=True)
+        parsed = parse_output(parsers, prefix, _ids())
         final = {"reasoning": parsed.reasoning or "", "content": parsed.content,
                  "calls": [{"id": i, "name": c.name, "arguments": c.arguments}
                            for i, c in zip(parsed.call_ids, parsed.calls)]}
         assert final == want, f"cut at {prefix!r}"
         parser = ChoiceParser(parsers, _ids())
-        deltas = [parser.update(prefix[:i]) for i in range(cut + 1)] + [parser.finish(prefix, cut=True)]
+        deltas = [parser.update(prefix[:i]) for i in range(cut + 1)] + [parser.finish(prefix)]
         content = "".join(d.content for d in deltas)
         streamed: dict[int, dict[str, Any]] = {}
         for call in (c for d in deltas for c in d.tool_calls):

@@ -7,11 +7,14 @@ prefix that can no longer change and the calls as far as they are written. The s
 adapter (streaming.py) sends the difference between successive partial parses, then the
 rest of the final one; a subclass only says where the calls start and how they are laid out.
 
-`parse_cut(text)` is the final answer for a text the token budget cut off (finish_reason
-"length"): every call a stream has announced stays a call, the last one's arguments as far as
-they were written (possibly unfinished JSON; the finish reason says so), as OpenAI returns a
-call cut by max_tokens. A stream cannot take back a call it announced, so this is the one
-answer both paths can give.
+`parse_cut(text)` is the final answer the endpoints give, streamed and not, for a text that
+ended, whatever ended it: the token budget (finish_reason "length"), EOS or a stop string
+(possibly mid-object: a model that stops inside its call), an abort. Every call a stream has
+announced stays a call, the last one's arguments as far as they were written (possibly
+unfinished JSON), as OpenAI returns a call cut by max_tokens. A stream cannot take back a call
+it announced, so this is the one answer both paths can give; before any call's arguments start
+the text is content, exactly as `parse` has it. `parse` stays the strict reading (only closed,
+valid calls).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ Everything is decoded with `json` (never `eval`): model output is untrusted.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 _WHITESPACE = " \t\n\r"
@@ -44,6 +45,95 @@ def _decode_value(text: str, pos: int) -> tuple[object, int] | None:
     if end == len(text) and text[pos] in "-0123456789":
         return None  # a number at the very end may still gain digits
     return value, end
+
+
+_NUMBER_PREFIX = re.compile(r"-|-?(?:0|[1-9][0-9]*)(?:\.[0-9]*|(?:\.[0-9]+)?[eE][+-]?[0-9]*)?")
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_LITERALS = {"t": "true", "f": "false", "n": "null"}
+_ESCAPES = '"\\/bfnrt'
+
+
+def json_prefix_length(text: str, start: int) -> int:
+    """How many characters from `start` some text could extend into one JSON value (they stop
+    at the first character no JSON could have there, or after the value closes). A stream sends
+    an unfinished call's arguments only this far: never a Python literal, a stray tag, or text
+    past a broken object."""
+    stack: list[str] = []  # open containers: "{" or "["
+    state, i, n = "value", start, len(text)
+    while i < n:
+        if state == "after" and not stack:
+            return i - start  # the value is closed
+        c = text[i]
+        if state in ("value", "value_or_end", "key_or_end", "key", "colon", "after") and c in _WHITESPACE:
+            i += 1
+            continue
+        if state in ("value", "value_or_end"):
+            if state == "value_or_end" and c == "]":
+                stack.pop()
+                state = "after"
+            elif c in "{[":
+                stack.append(c)
+                state = "key_or_end" if c == "{" else "value_or_end"
+            elif c == '"':
+                state = "string"
+            elif c == "-" or c.isdigit():
+                end = i
+                while end < n and text[end] in "+-.eE0123456789":
+                    end += 1
+                number = text[i:end]
+                if end == n or not _NUMBER.fullmatch(number):  # at the end it may still grow
+                    good = next(k for k in range(len(number), -1, -1) if k == 0 or _NUMBER_PREFIX.fullmatch(number[:k]))
+                    return i + good - start
+                i, state = end, "after"
+                continue
+            elif c in _LITERALS:
+                word = _LITERALS[c]
+                written = text[i: i + len(word)]
+                if not word.startswith(written):
+                    return i + next(k for k in range(len(written)) if written[k] != word[k]) - start
+                if len(written) < len(word):
+                    return n - start
+                i, state = i + len(word), "after"
+                continue
+            else:
+                return i - start
+        elif state in ("key_or_end", "key"):
+            if state == "key_or_end" and c == "}":
+                stack.pop()
+                state = "after"
+            elif c == '"':
+                state = "key_string"
+            else:
+                return i - start
+        elif state == "colon":
+            if c != ":":
+                return i - start
+            state = "value"
+        elif state == "after":
+            if c == ",":
+                state = "key" if stack[-1] == "{" else "value"
+            elif c == "}" and stack[-1] == "{" or c == "]" and stack[-1] == "[":
+                stack.pop()
+            else:
+                return i - start
+        elif state in ("string", "key_string"):
+            if c == "\\":
+                if i + 1 < n and text[i + 1] not in _ESCAPES + "u":
+                    return i - start
+                if i + 1 < n and text[i + 1] == "u":
+                    hex_digits = text[i + 2: i + 6]
+                    if not all(h in "0123456789abcdefABCDEF" for h in hex_digits):
+                        return i - start
+                    i += 2 + len(hex_digits)
+                    continue
+                i += 2
+                continue
+            if c == '"':
+                state = "colon" if state == "key_string" else "after"
+            elif ord(c) < 0x20:
+                return i - start
+        i += 1
+    return n - start
 
 
 def _final_arguments(value: object, raw: str) -> str | None:
@@ -79,8 +169,9 @@ def scan_call(text: str, pos: int) -> tuple[PartialCall, int | None]:
             break
         value = _decode_value(text, start)
         if key[0] in ARGUMENT_KEYS:
-            # An object's raw text so far is a prefix of its final text; any other value waits.
-            raw = text[start: value[1]] if value is not None else text[start:]
+            # An object's raw text so far is a prefix of its final text (as far as it is JSON at
+            # all); any other value waits.
+            raw = text[start: value[1]] if value is not None else text[start: start + json_prefix_length(text, start)]
             arguments = raw if text[start] == "{" else ""
             if value is not None:
                 complete_arguments = _final_arguments(value[0], raw)

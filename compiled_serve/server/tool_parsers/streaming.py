@@ -3,9 +3,8 @@
 Each call appears once with its id and name (when its arguments key has been seen, so a
 closed object that turns out not to be a call has rarely been announced), then as argument
 fragments. `finish` sends what the final parse adds, so the deltas join into exactly the
-non-streamed parse for any text whose partial parses agree with its final one (every
-well-formed transcript, and every text cut off by the token budget: `finish(text, cut=True)`
-ends on `parse_cut`; a broken call in a finished text, once announced, cannot be taken back).
+non-streamed parse (`parse_cut`, which the endpoints use for every finished text) of every
+text, cut anywhere: by the token budget, by EOS or a stop string mid-call, or well-formed.
 """
 
 from __future__ import annotations
@@ -63,9 +62,9 @@ class ToolCallStreamer:
         partial = self._parser.parse_partial(text)
         return self._diff(partial.content, [(c.name, c.arguments) for c in announced(partial.calls)])
 
-    def finish(self, text: str, cut: bool = False) -> ParsedDelta:
-        """The rest of the final parse; `cut`: the text ended on the token budget (`parse_cut`)."""
-        final = self._parser.parse_cut(text) if cut else self._parser.parse(text)
+    def finish(self, text: str) -> ParsedDelta:
+        """The rest of the final parse (`parse_cut`: the answer for a text that ended, however)."""
+        final = self._parser.parse_cut(text)
         return self._diff(final.content, [(c.name, c.arguments) for c in final.calls])
 
     @property
