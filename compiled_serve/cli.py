@@ -170,10 +170,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on(sock: Any, args: argparse.Namespace, engine_config: EngineConfig, server_config: ServerConfig) -> int:
-    from compiled_serve.embedding import EmbeddingEngine, is_embedding_model
     from compiled_serve.server.app import build_app
 
-    if is_embedding_model(engine_config.model):
+    if _is_embedding_model(engine_config.model):
+        from compiled_serve.embedding import EmbeddingEngine
+
         _refuse_engine_flags_for_embeddings(args)
         device = "cuda" if engine_config.device == "cuda" else "cpu"
         embedder = EmbeddingEngine(engine_config.model, device=device)  # type: ignore[arg-type]
@@ -197,6 +198,16 @@ def _serve_on(sock: Any, args: argparse.Namespace, engine_config: EngineConfig, 
         app = build_app(server_config, engine=engine, model=engine_config.model)
         report = engine.startup_report()
     return _run_server(sock, args, app, server_config, report)
+
+
+def _is_embedding_model(model: str | None) -> bool:
+    """Only a directory can be an embedding model: anything else is answered without importing
+    torch here (the engine core imports it; this process need not, before the core starts)."""
+    if model is None or not os.path.isdir(model):
+        return False
+    from compiled_serve.embedding import is_embedding_model
+
+    return is_embedding_model(model)
 
 
 def _run_server(sock: Any, args: argparse.Namespace, app: Any, server_config: ServerConfig,

@@ -84,3 +84,15 @@ def test_build_cache_flags_reach_the_engine_config() -> None:
     off = _engine_config(build_parser().parse_args(["chat", "--no-build-cache", "--build-cache-gib", "0.5"]))
     assert (on.build_cache, on.build_cache_gib) == (True, 4.0)
     assert (off.build_cache, off.build_cache_gib) == (False, 0.5)
+
+
+def test_serve_starts_its_engine_core_before_importing_torch() -> None:
+    """The API process of `serve` (default engine) does not import torch before the core starts:
+    the core imports it, and a second second of imports here would only delay the start."""
+    probe = ("import sys\nfrom compiled_serve.cli import _is_embedding_model\n"
+             "import compiled_serve.server.app, compiled_serve.server.engine_client\n"
+             "assert not _is_embedding_model(None) and not _is_embedding_model('x.gguf')\n"
+             "print('TORCH', 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "TORCH False" in result.stdout
