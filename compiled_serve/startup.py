@@ -63,6 +63,8 @@ def start_engine(config: EngineConfig, spinner: bool | None = None) -> LLMEngine
         backends = sum(g["seconds"] for report in (engine.compile_report, engine.tail_report) for g in report.graphs)
         dynamo = max(0.0, _dynamo_seconds() - dynamo_before - backends)
         hits, misses = (after - before for after, before in zip(_inductor_counts(), inductor_before))
+        if engine.precompiled is not None and engine.precompiled.num_compiled and hits + misses == 0:
+            misses = engine.compile_report.num_graphs  # an AOT compile generates without consulting the FX cache
         logger.info(warmup_line(engine, dynamo, hits, misses))
         status = engine.build_status
         if status is not None and config.compile_mode == "inductor":

@@ -189,8 +189,8 @@ def test_inductor_warm_start_compiles_nothing(tmp_path: Path, cache_root: Path) 
     assert warm.get("fxgraph_cache_miss", 0) == 0 and warm.get("fxgraph_cache_hit", 0) == 0, warm
     # The startup summary reports the same counters.
     assert f"Inductor: {warm.get('fxgraph_cache_hit', 0)} graph(s) from cache, 0 generated" in out2
-    assert f"Inductor: {cold.get('fxgraph_cache_hit', 0)} graph(s) from cache, " \
-           f"{cold.get('fxgraph_cache_miss', 0)} generated" in out1
+    # The cold start's AOT compile generated the model graph's code without the FX cache.
+    assert cold.get("fxgraph_cache_hit", 0) == 0 and "Inductor: 0 graph(s) from cache, 1 generated" in out1
 
 
 def _tiny_gguf(tmp_path: Path) -> str:
