@@ -170,10 +170,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on(sock: Any, args: argparse.Namespace, engine_config: EngineConfig, server_config: ServerConfig) -> int:
-    from compiled_serve.server.app import build_app
-
+    # The app (FastAPI, pydantic models) is imported after the engine core has started: with an
+    # engine process, EngineCoreClient.start imports it in a thread while the core loads.
     if _is_embedding_model(engine_config.model):
         from compiled_serve.embedding import EmbeddingEngine
+        from compiled_serve.server.app import build_app
 
         _refuse_engine_flags_for_embeddings(args)
         device = "cuda" if engine_config.device == "cuda" else "cpu"
@@ -187,6 +188,8 @@ def _serve_on(sock: Any, args: argparse.Namespace, engine_config: EngineConfig, 
 
         engine = EngineCoreClient.start(engine_config, log_level=args.log_level)
         try:
+            from compiled_serve.server.app import build_app
+
             app = build_app(server_config, engine=engine, model=engine_config.model)
             return _run_server(sock, args, app, server_config, engine.startup_report())
         finally:
@@ -195,6 +198,8 @@ def _serve_on(sock: Any, args: argparse.Namespace, engine_config: EngineConfig, 
         from compiled_serve.startup import start_engine
 
         engine = start_engine(engine_config)
+        from compiled_serve.server.app import build_app
+
         app = build_app(server_config, engine=engine, model=engine_config.model)
         report = engine.startup_report()
     return _run_server(sock, args, app, server_config, report)

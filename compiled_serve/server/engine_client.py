@@ -65,9 +65,9 @@ class EngineCoreClient:
             [sys.executable, "-m", "compiled_serve.engine.core_process", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL))
         theirs.close()  # the core's end lives only in the core now: its exit reads as EOF here
-        # The tokenizer is rebuilt here once the core is ready; import transformers (2-3 s of CPU)
-        # while the core loads instead of after (a second core does it meanwhile).
-        threading.Thread(target=_preimport_tokenizer, name="preimport-transformers", daemon=True).start()
+        # The tokenizer is rebuilt and the app built here once the core is ready; import
+        # transformers and the app (~1.5 s of CPU) while the core loads instead of after.
+        threading.Thread(target=_preimport, name="preimport", daemon=True).start()
         conn = Connection(ours.detach())
         try:
             conn.send_bytes(pack({"type": "init", "config": encode_config(config), "log_level": log_level}))
@@ -158,10 +158,12 @@ def _stop_process(process: Any, timeout_s: float) -> None:
         process.join(1.0)
 
 
-def _preimport_tokenizer() -> None:
+def _preimport() -> None:
     try:
         from transformers import AutoTokenizer  # noqa: F401
-    except Exception:  # noqa: BLE001  (rebuild_tokenizer imports it again and reports)
+
+        import compiled_serve.server.app  # noqa: F401
+    except Exception:  # noqa: BLE001  (the main thread imports them again and reports)
         pass
 
 
