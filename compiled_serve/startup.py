@@ -92,6 +92,7 @@ def _recording(cache: BuildCache | None) -> Iterator[None]:
 
 def _store_build(engine: LLMEngine, cache: BuildCache) -> None:
     from compiled_serve.build.compile import PASS_REPORT_ARTIFACT, pass_report
+    from compiled_serve.build.precompiled import with_precompiled
     from compiled_serve.cache.build_key import canonical_json
     from compiled_serve.cache.inductor_artifacts import capture_inductor_artifacts
 
@@ -99,10 +100,8 @@ def _store_build(engine: LLMEngine, cache: BuildCache) -> None:
     status = engine.build_status
     assert status is not None
     try:
-        artifacts = capture_inductor_artifacts()
+        artifacts = with_precompiled(engine, capture_inductor_artifacts())
         artifacts[PASS_REPORT_ARTIFACT] = canonical_json(pass_report(engine.compile_report, engine.tail_report))
-        if engine.precompiled is not None:
-            artifacts.update(engine.precompiled.artifacts())
         cache.save(engine.build_key, artifacts, report={"model": engine.model_source,
                                                         "compile_seconds": round(engine.compile_seconds, 2)})
     except Exception as exc:  # the cache must never stop a start

@@ -6,8 +6,11 @@ cache directory so the build is made from scratch and every entry is recorded. T
 (torch's cache blob + an index + the pass report) are saved under the engine's `BuildKey` with
 `ArtifactStore.save`, which is atomic and safe for concurrent compiles into one directory.
 
-`verify_build` recompiles the same inputs from scratch and compares manifest hashes: the CI check
-that a stored build is what these sources and this toolchain produce.
+`verify_build` recompiles the same inputs from scratch and compares the artifacts: the CI check
+that a stored build is what these sources and this toolchain produce. On the CPU a build also
+holds the AOT-compiled step and tail (build/precompiled.py); their bytes are not reproducible
+(process-local names), so verify compares their index (the variants and the KV-cache geometry)
+and not their bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from compiled_serve.build.precompiled import with_precompiled
 from compiled_serve.build.progress import CompileProgress
 from compiled_serve.build.reproducible import normalize_cache_blob
 from compiled_serve.build.tp_builds import recording_worker_builds, verify_rank_builds
@@ -39,6 +43,7 @@ from compiled_serve.config import EngineConfig
 from compiled_serve.errors import CompiledServeError
 
 PASS_REPORT_ARTIFACT = "pass_report.json"
+PRECOMPILED_PREFIX = "precompiled-"  # compiled_serve.build.precompiled's per-variant artifacts
 
 
 class BuildVerifyError(CompiledServeError):
@@ -121,7 +126,8 @@ def build_artifacts(config: EngineConfig, progress: CompileProgress) -> tuple[An
     if INDUCTOR_CACHE_ARTIFACT in artifacts:
         artifacts[INDUCTOR_CACHE_ARTIFACT] = normalize_cache_blob(artifacts[INDUCTOR_CACHE_ARTIFACT])
     artifacts[PASS_REPORT_ARTIFACT] = canonical_json(pass_report(engine.compile_report, engine.tail_report))
-    return engine, artifacts
+    # On the CPU, the step and tail AOT-compiled: a warm start skips dynamo (build/precompiled.py).
+    return engine, with_precompiled(engine, artifacts)
 
 
 def compile_build(config: EngineConfig, out_dir: str | Path, show_progress: bool = True) -> CompileResult:
@@ -167,8 +173,13 @@ def verify_build(config: EngineConfig, build_dir: str | Path, show_progress: boo
     rank_differences = verify_rank_builds(fresh.rank_builds, build_dir)
     if stored.manifest.hash() == fresh.manifest_hash and not rank_differences:
         return True, []
-    ours = {a.name: a for a in fresh.manifest.artifacts}
-    theirs = {a.name: a for a in stored.manifest.artifacts}
+    # The AOT-compiled functions' bytes hold process-local names (dynamo's compiled-function ids),
+    # so two compiles never match byte for byte; their index (which variants, for which KV-cache
+    # geometry) must, and everything else must match exactly.
+    ours = {a.name: a for a in fresh.manifest.artifacts if not a.name.startswith(PRECOMPILED_PREFIX)}
+    theirs = {a.name: a for a in stored.manifest.artifacts if not a.name.startswith(PRECOMPILED_PREFIX)}
+    if ours == theirs and not rank_differences:
+        return True, []
     differences = [f"{name}: {'missing in stored build' if name not in theirs else 'missing in recompile' if name not in ours else 'bytes differ'}"
                    for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
     return False, differences + rank_differences

@@ -232,3 +232,18 @@ def engine_precompiled(engine: Any, step_fn: Any) -> tuple[Precompiled, Any, Any
 def _globals_of(compiled: Any) -> dict[str, Any]:
     """The globals of the function a `torch.compile` wrapper traces (what its bytecode reads)."""
     return getattr(compiled, "_torchdynamo_orig_callable", compiled).__globals__
+
+
+def with_precompiled(engine: Any, artifacts: dict[str, bytes]) -> dict[str, bytes]:
+    """A build's artifacts with the engine's AOT-compiled functions added. When the engine
+    AOT-compiled them, torch's recorded compile cache is left out: all it holds then is the
+    AOT-autograd bundle of those functions, under a key no later lookup computes (an AOT compile
+    bypasses the cache key), and different on every compile, so a build would never reproduce."""
+    pre = engine.precompiled
+    if pre is None or not pre.num_compiled:
+        return artifacts
+    from compiled_serve.cache.inductor_artifacts import INDUCTOR_CACHE_ARTIFACT, INDUCTOR_CACHE_INDEX
+
+    out = {k: v for k, v in artifacts.items() if k not in (INDUCTOR_CACHE_ARTIFACT, INDUCTOR_CACHE_INDEX)}
+    out.update(pre.artifacts())
+    return out

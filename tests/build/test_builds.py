@@ -47,7 +47,12 @@ def test_compile_then_load(tmp_path: Path) -> None:
     assert any("compiled graph" in line for line in result.log)  # progress saw the passes
     engine = tiny_engine(tmp_path, num_kv_blocks=64, max_num_seqs=8, build_dir=str(tmp_path / "builds"))
     assert engine.build_status is not None and engine.build_status.loaded
-    assert engine.startup_report()["build"] == f"build {result.key.digest()[:12]} loaded: 1 artifacts"
+    # The pass report and, on the CPU, the AOT-compiled step and tail variants with their index.
+    n = len(result.artifacts)
+    assert n == 2 + sum(name.startswith("precompiled-") for name in result.artifacts) and n >= 5
+    assert engine.startup_report()["build"] == f"build {result.key.digest()[:12]} loaded: {n} artifacts"
+    assert engine.precompiled is not None and engine.precompiled.complete  # a warm start traces nothing
+    assert engine.compile_report.num_graphs == 0
 
 
 def test_mismatched_build_is_refused_by_default(tmp_path: Path) -> None:
@@ -140,31 +145,38 @@ def test_concurrent_compiles_into_one_dir(tmp_path: Path) -> None:
 
 @pytest.mark.heavy
 def test_inductor_build_is_reproducible_and_warm_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two compiles in fresh processes give one manifest hash; a fresh cache dir then hits it."""
+    """Two compiles in fresh processes give the same artifacts (the AOT-compiled functions' bytes
+    aside: compiled_serve.build.compile.verify_build); a fresh cache dir then runs the build's
+    precompiled functions and traces and compiles nothing."""
     import torch
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
-    hashes = []
+    from compiled_serve.build.compile import PRECOMPILED_PREFIX
+
+    manifests = []
     for name in ("a", "b"):
         p = _compile_in_subprocess(tmp_path, tmp_path / name, "inductor")
         output, _ = p.communicate(timeout=600)
         assert p.returncode == 0, output
         (build,) = ArtifactStore(tmp_path / name).list()
-        hashes.append(build.manifest.hash())
-    assert hashes[0] == hashes[1]
+        manifests.append({a.name: a for a in build.manifest.artifacts if not a.name.startswith(PRECOMPILED_PREFIX)})
+    assert manifests[0] == manifests[1]
 
-    monkeypatch.setattr(inductor_config, "force_disable_caches", False)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "fresh-cache"))
-    torch._dynamo.reset()
-    counters.clear()
-    engine = tiny_engine(tmp_path, num_kv_blocks=64, max_num_seqs=8, compile_mode="inductor",
-                         build_dir=str(tmp_path / "a"))
-    assert engine.build_status.loaded and engine.build_status.num_artifacts == 3
-    assert counters["inductor"]["fxgraph_cache_hit"] == engine.compile_report.num_graphs == 1
-    assert counters["inductor"]["fxgraph_cache_miss"] == 0
-    report = json.loads((build.path / "artifacts" / "pass_report.json").read_bytes())
-    assert len(report["graphs"]) == 1
+    # config.patch, not monkeypatch: undoing a monkeypatch on a torch config module leaves the
+    # option unreadable for later tests (their AOT compiles read it).
+    with inductor_config.patch(force_disable_caches=False):
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "fresh-cache"))
+        torch._dynamo.reset()
+        counters.clear()
+        engine = tiny_engine(tmp_path, num_kv_blocks=64, max_num_seqs=8, compile_mode="inductor",
+                             build_dir=str(tmp_path / "a"))
+        assert engine.build_status.loaded and engine.build_status.num_artifacts >= 5
+        assert engine.precompiled is not None and engine.precompiled.complete
+        assert engine.compile_report.num_graphs == engine.tail_report.num_graphs == 0
+        assert counters["inductor"]["fxgraph_cache_miss"] == counters["inductor"]["fxgraph_cache_hit"] == 0
+        report = json.loads((build.path / "artifacts" / "pass_report.json").read_bytes())
+        assert len(report["graphs"]) == 1
     torch._dynamo.reset()
 
 
