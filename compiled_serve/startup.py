@@ -84,9 +84,10 @@ def _recording(cache: BuildCache | None) -> Iterator[None]:
     if cache is None:
         yield
         return
+    from compiled_serve.build.precompiled import recording_precompiled
     from compiled_serve.cache.inductor_artifacts import recording_compile_artifacts
 
-    with recording_compile_artifacts():
+    with recording_compile_artifacts(), recording_precompiled():
         yield
 
 

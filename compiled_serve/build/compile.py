@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compiled_serve.build.precompiled import with_precompiled
+from compiled_serve.build.precompiled import recording_precompiled, with_precompiled
 from compiled_serve.build.progress import CompileProgress
 from compiled_serve.build.reproducible import normalize_cache_blob
 from compiled_serve.build.tp_builds import recording_worker_builds, verify_rank_builds
@@ -116,7 +116,8 @@ def build_artifacts(config: EngineConfig, progress: CompileProgress) -> tuple[An
 
     from compiled_serve.engine.llm_engine import LLMEngine
 
-    with fresh_inductor_cache(config) as root, recording_compile_artifacts(), recording_worker_builds():
+    with fresh_inductor_cache(config) as root, recording_compile_artifacts(), recording_worker_builds(), \
+            recording_precompiled():
         torch._dynamo.reset()
         engine = LLMEngine(dataclasses.replace(config, build_dir=None), on_progress=progress.update)
         artifacts = capture_inductor_artifacts()

@@ -33,7 +33,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 logger = logging.getLogger("compiled_serve.build")
@@ -212,14 +212,40 @@ def kv_context(kv_caches: list[Any]) -> str:
     return f"kv {len(kv_caches)} x {list(first.shape)} {str(first.dtype).removeprefix('torch.')}"
 
 
-def engine_precompiled(engine: Any, step_fn: Any) -> tuple[Precompiled, Any, Any]:
+_recording = 0  # > 0 inside `recording_precompiled()`: a build will be stored from this start
+
+
+@contextlib.contextmanager
+def recording_precompiled() -> Iterator[None]:
+    """Engines started inside this block AOT-compile their functions for the build being made
+    (`compile`, or a start whose build the cache will store). Outside it, a cold engine compiles
+    the plain way: an AOT compile bypasses Inductor's caches, so with nothing to store it would
+    only be slower."""
+    global _recording
+    _recording += 1
+    try:
+        yield
+    finally:
+        _recording -= 1
+
+
+def engine_precompiled(engine: Any, step_fn: Any) -> tuple[Precompiled | None, Any, Any]:
     """(precompiled, step, tail) for an in-process CPU engine: its compiled step and logits tail
-    wrapped so their variants come from the loaded build, or are AOT-compiled for the next one."""
+    wrapped so their variants come from the loaded build, or are AOT-compiled for the build being
+    recorded; (None, step, tail) unchanged when there is neither (a build without usable
+    functions, or nothing to store)."""
     from compiled_serve.passes.logits_tail_pipeline import size_oblivious
 
     status = engine.build_status
-    pre = Precompiled.from_build(status.artifacts if status is not None and status.loaded else None,
-                                 kv_context(engine.kv_caches))
+    context = kv_context(engine.kv_caches)
+    if status is not None and status.loaded:
+        pre = Precompiled.from_build(status.artifacts, context)
+        if pre.recording:  # nothing usable in the build, and a loaded build is not stored again
+            return None, step_fn, engine.logits_tail
+    elif _recording:
+        pre = Precompiled(context)
+    else:
+        return None, step_fn, engine.logits_tail
     step = pre.wrap("step", step_fn, _globals_of(step_fn), external={"model": engine.model})
     tail_compiled = engine.logits_tail.compiled
     tail = pre.wrap("tail", tail_compiled, _globals_of(tail_compiled), compile_context=size_oblivious)
