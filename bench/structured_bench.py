@@ -10,8 +10,9 @@ tail against the unmasked one, and engine decode steps with and without a schema
 3. tail: the compiled logits tail (one fused_sample) at batch 1 and 64 at the model's vocabulary,
    with and without a bitmask (CUDA: torch.cuda.Event timing; CPU: perf_counter), median us;
 4. step: LLMEngine decode-step time at batch 1 and 64, unconstrained vs every row under the
-   "nested_object" schema (the constrained rows take the host-built tail and wait for the step in
-   flight, so this includes the lost overlap), mean ms over the decode steps.
+   "nested_object" schema, mean ms over the decode steps. Constrained rows finish the step in
+   flight and fill their masks after the next forward is enqueued; --drain-constrained measures
+   the old path (drain first, then the host-built tail) for comparison.
 
     python bench/structured_bench.py [--device cpu|cuda] [--steps 24] [--out DIR]
 
@@ -136,7 +137,7 @@ def tail_times(vocab: int, device: torch.device) -> dict:
     return out
 
 
-def step_times(device: str, steps: int, backend: str = "auto") -> dict:
+def step_times(device: str, steps: int, backend: str = "auto", drain: bool = False) -> dict:
     from structured_cases import SCHEMAS
 
     from compiled_serve.config import EngineConfig
@@ -144,6 +145,9 @@ def step_times(device: str, steps: int, backend: str = "auto") -> dict:
     from compiled_serve.sampling_params import SamplingParams
     from compiled_serve.structured import StructuredOutputsParams
 
+    if drain:  # the old path: constrained rows finish the step in flight, then take the host-built tail
+        plain_rule = LLMEngine._needs_host_tail
+        LLMEngine._needs_host_tail = lambda self, seq: plain_rule(self, seq) or self.structured.constrains(seq)
     engine = LLMEngine(EngineConfig(compile_mode="graph", device=device, max_num_seqs=64,
                                     structured_outputs_backend=backend))
     out = {}
@@ -164,6 +168,52 @@ def step_times(device: str, steps: int, backend: str = "auto") -> dict:
     return out
 
 
+def late_vs_drain(device: str, steps: int, batches: tuple[int, ...], rounds: int) -> dict:
+    """Constrained decode steps on one engine, the late mask fill against the old drain
+    (constrained rows finish the step in flight first, then take the host-built tail), the two
+    alternating `rounds` times per batch so a drifting machine load hits both alike; seeded, so
+    both modes sample the same tokens. Median over the rounds of each run's mean decode step."""
+    from structured_cases import SCHEMAS
+
+    from compiled_serve.config import EngineConfig
+    from compiled_serve.engine.llm_engine import LLMEngine
+    from compiled_serve.sampling_params import SamplingParams
+    from compiled_serve.structured import StructuredOutputsParams
+
+    drain = [False]
+    plain_rule = LLMEngine._needs_host_tail
+    LLMEngine._needs_host_tail = lambda self, seq: plain_rule(self, seq) or (drain[0] and self.structured.constrains(seq))
+    engine = LLMEngine(EngineConfig(compile_mode="graph", device=device, max_num_seqs=max(batches)))
+    spec = StructuredOutputsParams(json=SCHEMAS["nested_object"])
+    out: dict = {"steps": steps, "rounds": rounds}
+    for batch in batches:
+        runs: dict[str, list[float]] = {"late": [], "drain": []}
+        tokens: dict[str, list] = {}
+        for r in range(rounds):
+            for mode in ("late", "drain") if r % 2 == 0 else ("drain", "late"):
+                drain[0] = mode == "drain"
+                for i in range(batch):
+                    engine.add_request(f"{mode}-{batch}-{r}-{i}", "Answer with the requested data.\n",
+                                       SamplingParams(temperature=1.0, seed=i, max_tokens=steps, structured_outputs=spec))
+                engine.step()  # prefill
+                times, outs = [], {}
+                while engine.has_unfinished_requests():
+                    t0 = time.perf_counter()
+                    done = engine.step()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                    outs |= {o.request_id.rsplit("-", 1)[1]: o.outputs[0].token_ids for o in done if o.finished}
+                outs |= {o.request_id.rsplit("-", 1)[1]: o.outputs[0].token_ids for o in engine._finish_inflight()
+                         if o.finished}
+                tokens.setdefault(mode, [outs[k] for k in sorted(outs)])
+                runs[mode].append(statistics.mean(times[1:-1] or times))
+        drain[0] = False
+        out[f"batch{batch}"] = {f"{mode}_step_ms": round(statistics.median(v), 2) for mode, v in runs.items()} | {
+            f"{mode}_runs_ms": [round(x, 1) for x in v] for mode, v in runs.items()} | {
+            "same_tokens": tokens["late"] == tokens["drain"]}
+    LLMEngine._needs_host_tail = plain_rule
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -173,12 +223,31 @@ def main() -> None:
                         help="grammar backends to compile and fill with (xgrammar: skipped when absent)")
     parser.add_argument("--no-steps", action="store_true", help="skip the engine decode steps (part 4)")
     parser.add_argument("--no-tail", action="store_true", help="skip the logits-tail timings (part 3)")
+    parser.add_argument("--drain-constrained", action="store_true",
+                        help="part 4 as before the late mask fill: constrained rows drain the step in flight")
+    parser.add_argument("--late-vs-drain", default=None, metavar="BATCHES",
+                        help="only part 4 as an A/B on one engine: the late mask fill against the old drain, "
+                             "alternating, at these batch sizes (e.g. 1,16); with --rounds")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tag", default="", help="suffix of the result's name (structured_bench_TAG_DEVICE.json)")
     args = parser.parse_args()
     from compiled_serve.llm import LLM  # noqa: F401  (the package, as the engine imports it)
     from compiled_serve.models.default_model import default_model_path
     from compiled_serve.models.loaders.gguf_file import load_gguf_tokenizer
 
+    if args.late_vs_drain:
+        result = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "device": args.device,
+                  "cpu_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+                  "late_vs_drain": late_vs_drain(args.device, args.steps,
+                                                 tuple(int(b) for b in args.late_vs_drain.split(",")), args.rounds)}
+        result["load_average_after"] = os.getloadavg()
+        out_dir = Path(args.out or os.environ.get("OUT") or REPO / "bench" / "results")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"structured_bench_{args.tag or 'late_vs_drain'}_{args.device}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+        return
     tokenizer = load_gguf_tokenizer(default_model_path(), None)
     vocab = 49152
     result = {
@@ -195,7 +264,8 @@ def main() -> None:
     if not args.no_tail:
         result["tail"] = tail_times(vocab, torch.device(args.device))
     if not args.no_steps:
-        result["step"] = step_times(args.device, args.steps)
+        result["step"] = step_times(args.device, args.steps, drain=args.drain_constrained)
+        result["step"]["drain_constrained"] = args.drain_constrained
     out_dir = Path(args.out or os.environ.get("OUT") or REPO / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"structured_bench_{args.tag + '_' if args.tag else ''}{args.device}.json"
