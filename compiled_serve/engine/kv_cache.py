@@ -2,7 +2,8 @@
 
 On CUDA the cache takes what is left of `gpu_memory_utilization * total` after the weights and
 the peak activation of a full-budget step (measured by a profile run). On CPU it takes a fixed,
-configurable number of GiB. One tensor holds every layer; each layer gets a view.
+configurable number of GiB, mapped lazily (zero pages committed on first write). Each layer has
+its own tensor.
 """
 
 from __future__ import annotations
@@ -40,5 +41,21 @@ def allocate_kv_cache(
     # Per layer [2 (k, v), num_blocks, block_size, num_kv_heads, head_dim], each its own allocation:
     # the compiled step takes the caches as graph inputs, and views of one tensor would be aliased
     # inputs, whose overlap analysis cannot reason about the unbacked num_blocks.
-    return [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-            for _ in range(num_layers)]
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    if torch.device(device).type == "cpu":
+        return [lazy_zeros_cpu(shape, dtype) for _ in range(num_layers)]
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+
+def lazy_zeros_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor in its own anonymous mapping: the kernel hands out zero pages and commits each
+    only when it is first written, so a CPU KV cache costs resident memory for the blocks in use,
+    not its whole budget (`torch.zeros` writes every page: the default 1 GiB was resident at once).
+    Zero, not uninitialized: attention reads the unwritten tail of a sequence's last block (masked,
+    so it must be finite)."""
+    import math
+    import mmap
+
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape)).view(shape)  # keeps `buf` alive
