@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from graph_timing import time_graph  # bench/, beside this script
 
 from compiled_serve.kernels import triton_attention_config as config
 from compiled_serve.kernels import triton_paged_attention as tpa
@@ -40,29 +41,6 @@ def _shapes() -> dict[str, dict]:
         "W2 32 seqs late (8B)": dict(ctx=w2[:32], heads=32, kv_heads=8),
         "W1 256 seqs mid-decode (0.6B)": dict(ctx=w1, heads=16, kv_heads=8),
     }
-
-
-def _time_graph(fn, calls: int = 16, reps: int = 5) -> float:
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def _setup(ctx: list[int], heads: int, kv_heads: int, head_dim: int = 128, block_size: int = 16):
@@ -92,7 +70,7 @@ def _runner(q, kv_cache, tables, seq_lens, qsl, out, splits):
     """One attention call per invocation, each on the next block-table set (the first on set 0)."""
     state = {"i": -1}
 
-    def run() -> None:
+    def run(_call: int = 0) -> None:
         state["i"] = (state["i"] + 1) % len(tables)
         tpa.paged_attention_triton(q, kv_cache, tables[state["i"]], seq_lens, qsl, 1, 131072, 128**-0.5,
                                    out=out, num_splits=splits)  # fmt: skip
@@ -127,7 +105,7 @@ def main() -> None:
                 elif (out.float() - ref.float()).abs().max().item() > 2e-2:
                     print(f"  {label} {tiles} splits {splits}: WRONG", flush=True)
                     continue
-                us = _time_graph(run)
+                us = time_graph(run)
             except Exception as err:  # noqa: BLE001 (out of resources and the like)
                 print(f"  {label} {tiles} splits {splits}: {type(err).__name__} {str(err)[:100]}", flush=True)
                 continue

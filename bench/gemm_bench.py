@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from graph_timing import time_graph  # bench/, beside this script
 from skinny_gemm_triton import reference_skinny_gemm, skinny_gemm  # bench/, beside this script
 
 SHAPES = {  # name: (N, K)
@@ -33,30 +34,6 @@ TILES = [  # (block_n, block_k, num_warps, num_stages)
     (128, 128, 8, 3),
     (16, 256, 4, 4),
 ]
-
-
-def _time_graph(fn, calls: int = 24, reps: int = 5) -> float:
-    """Median us per call of a CUDA graph holding `calls` calls of fn(i)."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def _cublas_call(x, ws, out):
@@ -92,7 +69,7 @@ def main() -> None:
             entry = {"shape": name, "n": n, "k": k, "m": m, "bytes": nbytes}
             for lib in ("cublas", "cublaslt"):
                 torch.backends.cuda.preferred_blas_library(lib)
-                us = _time_graph(_cublas_call(x, ws, out))
+                us = time_graph(_cublas_call(x, ws, out), calls=24)
                 entry[lib] = {"us": round(us, 2), "gbps": round(nbytes / us / 1e3, 1)}
             torch.backends.cuda.preferred_blas_library("cublas")
             best = None
@@ -108,7 +85,7 @@ def main() -> None:
                     if err > 0.05 * max(1.0, ref.abs().max().item()):
                         print(f"  {name} m={m} {cfg}: wrong (max err {err:.3g})", flush=True)
                         continue
-                    us = _time_graph(_triton_call(x, ws, out, cfg))
+                    us = time_graph(_triton_call(x, ws, out, cfg), calls=24)
                 except Exception as err:  # noqa: BLE001 (out of shared memory and the like)
                     print(f"  {name} m={m} {cfg}: {type(err).__name__}: {str(err)[:120]}", flush=True)
                     continue
