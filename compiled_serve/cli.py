@@ -217,10 +217,12 @@ def _is_embedding_model(model: str | None) -> bool:
 
 def _run_server(sock: Any, args: argparse.Namespace, app: Any, server_config: ServerConfig,
                 report: dict[str, Any]) -> int:
+    from compiled_serve.long_lived_objects import freeze_long_lived_objects
     from compiled_serve.server.app import uvicorn_config
     from compiled_serve.server.listen import HTTPServer, socket_url
 
     _print_report(report)
+    freeze_long_lived_objects()  # the API process's own start-up objects (FastAPI, pydantic, tokenizer)
 
     def listening() -> None:
         key = "" if server_config.api_key is None else "  (API key required)"
