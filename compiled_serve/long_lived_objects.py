@@ -8,6 +8,10 @@ mid-serving, as a stall of the step loop. `gc.freeze()` moves everything alive n
 permanent generation that no collection scans (the same thing vLLM does after start-up); what
 requests allocate afterwards is collected as before. Nothing is leaked: frozen objects were
 reachable anyway, and cycles among them are kept as they would have been.
+
+Only processes this package owns freeze: the engine core's and `serve`'s. The offline `LLM()`
+runs in a user's process, where frozen objects that later become garbage (a dropped engine, the
+user's own cycles) would never be collected, so it does not.
 """
 
 from __future__ import annotations

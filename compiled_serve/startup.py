@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 from compiled_serve.build.progress import CompileProgress
 from compiled_serve.cache.build_cache import BuildCache
 from compiled_serve.config import EngineConfig
-from compiled_serve.long_lived_objects import freeze_long_lived_objects
 
 if TYPE_CHECKING:
     from compiled_serve.engine.llm_engine import LLMEngine
@@ -75,7 +74,6 @@ def start_engine(config: EngineConfig, spinner: bool | None = None) -> LLMEngine
                 status.message += f"; cache {cache.describe()}"
             else:
                 _store_build(engine, cache)
-    freeze_long_lived_objects()  # before "ready": the first requests never pay a full collection
     logger.info(ready_line(engine, time.perf_counter() - start))
     return engine
 

@@ -64,6 +64,10 @@ def core_main(conn: Connection, *, own_process: bool = True) -> None:
         logger.debug("engine start-up failed", exc_info=True)
         conn.send_bytes(pack({"type": "startup_error", "kind": type(exc).__name__, "message": str(exc)}))
         return
+    if own_process:  # the engine core's process is ours: its start-up objects leave the collector's view
+        from compiled_serve.long_lived_objects import freeze_long_lived_objects
+
+        freeze_long_lived_objects()
     conn.send_bytes(pack(ready))
     CoreLoop(engine, conn).run()
 

@@ -1,6 +1,7 @@
 """Start-up freezes what lives for the whole process out of the garbage collector's view
-(compiled_serve/long_lived_objects.py): the engine's objects are in the permanent generation once
-`start_engine` returns, and garbage made afterwards is still collected."""
+(compiled_serve/long_lived_objects.py) in the processes the package owns (the engine core's,
+`serve`'s), and garbage made afterwards is still collected; `start_engine`, which the offline
+`LLM()` runs in a user's process, freezes nothing."""
 
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ def test_freezing_keeps_live_objects_and_still_collects_later_cycles() -> None:
     assert gc.collect() >= 2
 
 
-def test_start_engine_freezes_the_engine(tmp_path: Path) -> None:
+def test_start_engine_leaves_a_users_process_unfrozen(tmp_path: Path) -> None:
     engine = start_engine(EngineConfig(model=tiny_config_path(tmp_path), load_format="dummy", dtype="float32",
                                        compile_mode="graph", num_kv_blocks=16, max_num_seqs=2, device="cpu",
                                        build_cache=False), spinner=False)
-    assert gc.get_freeze_count() > 10_000  # torch, the model, its graphs
-    assert not any(obj is engine for obj in gc.get_objects())  # the engine itself is frozen, not tracked
+    assert gc.get_freeze_count() == 0
+    assert any(obj is engine for obj in gc.get_objects())  # collectable once the user drops it
