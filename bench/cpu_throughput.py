@@ -102,8 +102,10 @@ def child_transformers(reps: int) -> dict:
     with torch.inference_mode():  # the reference's top-2 gap at each greedy step (near-tie rule)
         out = model.generate(**tok([PROMPT], return_tensors="pt"), **kwargs, output_scores=True,
                              return_dict_in_generate=True)
-    gaps = [round(float(v[0] - v[1]), 4) for v in (torch.topk(s[0].float(), 2).values for s in out.scores)]
-    return {"engine": "transformers", "peak_rss_mb": _rss_mb(), "rows": rows, "gaps": gaps}
+    top2 = [torch.topk(s[0].float(), 2) for s in out.scores]
+    gaps = [round(float(t.values[0] - t.values[1]), 4) for t in top2]
+    runner_up = [int(t.indices[1]) for t in top2]
+    return {"engine": "transformers", "peak_rss_mb": _rss_mb(), "rows": rows, "gaps": gaps, "runner_up": runner_up}
 
 
 def child_llama_cpp(threads: int, reps: int) -> dict:
@@ -122,12 +124,21 @@ def child_llama_cpp(threads: int, reps: int) -> dict:
     return {"engine": "llama.cpp", "peak_rss_mb": _rss_mb(), "rows": {1: {"tok_s": rates, "load": loads}}}
 
 
-def near_tie_agreement(tokens: list[int], ref_tokens: list[int], gaps: list[float], clear_gap: float) -> dict:
-    """First divergence from the reference's greedy tokens, and whether its top-2 gap there was a near-tie."""
+def near_tie_agreement(tokens: list[int], ref_tokens: list[int], gaps: list[float], runner_up: list[int],
+                       clear_gap: float) -> dict:
+    """First divergence from the reference's greedy tokens; it agrees under the near-tie rule only
+    where the reference's top-2 gap there is small and the engine took the reference's second
+    choice (a broken engine emitting one token over and over diverges at once, maybe at a near
+    tie, but not to the runner-up)."""
     first = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
+    if len(tokens) != len(ref_tokens) and first is None:
+        first = min(len(tokens), len(ref_tokens))
+    near_tie = first is not None and first < len(gaps) and gaps[first] <= clear_gap
+    took_runner_up = near_tie and first < len(tokens) and tokens[first] == runner_up[first]
     return {"same_tokens": first is None, "first_divergence": first,
-            "ref_top2_gap_there": None if first is None else gaps[first],
-            "agrees_under_near_tie_rule": first is None or gaps[first] <= clear_gap}
+            "ref_top2_gap_there": None if first is None or first >= len(gaps) else gaps[first],
+            "took_ref_runner_up": None if first is None else took_runner_up,
+            "agrees_under_near_tie_rule": first is None or took_runner_up}
 
 
 def _spawn(args: list[str]) -> dict | None:
@@ -175,7 +186,8 @@ def main() -> None:
         for batch, row in r["rows"].items():
             row["median_tok_s"] = statistics.median(row["tok_s"])
             if ref is not None and r is not ref and row.get("tokens") and str(batch) == "1":
-                row.update(near_tie_agreement(row["tokens"], ref["rows"]["1"]["tokens"], ref["gaps"], args.clear_gap))
+                row.update(near_tie_agreement(row["tokens"], ref["rows"]["1"]["tokens"], ref["gaps"], ref["runner_up"],
+                                               args.clear_gap))
     result = {
         "date": datetime.date.today().isoformat(),
         "hardware": f"{platform.processor() or platform.machine()}, {args.threads} threads, shared VM",

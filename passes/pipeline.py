@@ -21,6 +21,7 @@ import torch.fx
 
 from compiled_serve.kernels.paged_attention import kv_caches_for_step
 from compiled_serve.passes.base import GraphPass, count_ops
+from compiled_serve.passes.graph_inputs import attach_example_inputs, detach_example_inputs
 from compiled_serve.passes.manager import PassManager
 from compiled_serve.passes.registry import default_pass_manager
 
@@ -59,7 +60,11 @@ def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: C
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         start = time.perf_counter()
         entry: dict = {"ops_before": count_ops(gm), "matches": {}}
-        entry["matches"] = manager(gm).matches
+        attach_example_inputs(gm, example_inputs)  # the real inputs, also under an AOT compile
+        try:
+            entry["matches"] = manager(gm).matches
+        finally:
+            detach_example_inputs(gm)
         entry["ops_after"] = count_ops(gm)
         if mode == "inductor":
             from torch._inductor.compile_fx import compile_fx

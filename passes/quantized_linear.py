@@ -2,7 +2,7 @@
 
 A quantized model keeps plain `nn.Linear` layers whose weight is a memory-less placeholder
 carrying a `QuantizedWeight` (models/quantized.py). Dynamo lifts the placeholder into the graph
-as an input; the pass reads the real tensor behind it (`node.meta["grapharg"].example`), stores
+as an input; the pass reads the real tensor behind it (passes/graph_inputs.py), stores
 the quantized tensors on the graph module as buffers, and rewrites the call:
 
 Before (a layer as dynamo captures it):
@@ -32,6 +32,7 @@ from compiled_serve.kernels.quantized_linear import bf16_weight_linear, blockwis
 from compiled_serve.models.quantized import QuantizedWeight, quantized_weight_of
 from compiled_serve.passes.base import GraphPass
 from compiled_serve.passes.dead_code import eliminate_dead_code
+from compiled_serve.passes.graph_inputs import graph_input_value
 
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 
@@ -47,10 +48,8 @@ _OPS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 
 def placeholder_quantized_weight(node: object) -> QuantizedWeight | None:
     """The QuantizedWeight behind a graph input, or None."""
-    if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
-        return None
-    grapharg = node.meta.get("grapharg")
-    return quantized_weight_of(grapharg.example) if grapharg is not None else None
+    value = graph_input_value(node)
+    return quantized_weight_of(value) if value is not None else None
 
 
 def linear_operands(node: torch.fx.Node) -> tuple[object, object, object] | None:

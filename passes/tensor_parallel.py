@@ -52,6 +52,7 @@ from compiled_serve.models.tp_layout import (
     section_row_ranges,
 )
 from compiled_serve.passes.base import GraphPass, op_name
+from compiled_serve.passes.graph_inputs import graph_input_value
 from compiled_serve.passes.matching import arg, kind, last_dim
 
 _LINEAR = (torch._C._nn.linear, F.linear)
@@ -65,10 +66,7 @@ COLUMN, ROW, GATHERED, VOCAB = "column", "row", "gathered", "vocab"
 
 def graph_input_tensor(node: Any) -> torch.Tensor | None:
     """The real tensor dynamo lifted into a placeholder (a parameter or buffer), or None."""
-    if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
-        return None
-    grapharg = node.meta.get("grapharg")
-    example = getattr(grapharg, "example", None)
+    example = graph_input_value(node)
     return example if isinstance(example, torch.nn.Parameter) else None
 
 

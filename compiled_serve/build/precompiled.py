@@ -23,7 +23,8 @@ stored variant runs the plain `torch.compile`d function (dynamo traces it): the 
 variant serving reaches, so that happens before ready, never after.
 
 Only where the engine runs the step in-process on the CPU (CUDA graphs and tensor-parallel
-workers keep the plain path).
+workers keep the plain path), and for a quantized model only the logits tail (its step's weights
+are graph constants a loaded function lacks).
 """
 
 from __future__ import annotations
@@ -246,7 +247,11 @@ def engine_precompiled(engine: Any, step_fn: Any) -> tuple[Precompiled | None, A
         pre = Precompiled(context)
     else:
         return None, step_fn, engine.logits_tail
-    step = pre.wrap("step", step_fn, _globals_of(step_fn), external={"model": engine.model})
+    # A quantized model's step stays on the plain path (dynamo, then Inductor's FX-graph cache from
+    # the build): its int4/int8 weights are constants the pass adds to the graph, and a loaded AOT
+    # function does not carry them (Inductor's loaded step asked for 16 more inputs than it got).
+    quantized = getattr(engine, "quantization", "none") not in (None, "none")
+    step = step_fn if quantized else pre.wrap("step", step_fn, _globals_of(step_fn), external={"model": engine.model})
     tail_compiled = engine.logits_tail.compiled
     tail = pre.wrap("tail", tail_compiled, _globals_of(tail_compiled), compile_context=size_oblivious)
     if pre.num_loaded:

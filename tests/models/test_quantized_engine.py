@@ -123,3 +123,25 @@ def test_the_build_key_tells_quantized_and_plain_builds_apart(quantized_engine: 
     quantized, plain = quantized_engine.build_key, plain_engine.build_key
     assert quantized.digest() != plain.digest()
     assert {"weight_fingerprint", "passes", "quantization"} <= set(quantized.diff(plain))
+
+
+@pytest.mark.parametrize("mode", ["graph", pytest.param("inductor", marks=pytest.mark.heavy)])
+def test_a_quantized_engine_through_the_build_cache_keeps_its_int4_ops(
+        q4_gguf: str, mode: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start that records a build (the AOT compile) and a warm start from it generate the
+    uncached engine's greedy tokens. Before the fix, the recording start's pass saw no quantized
+    weight (AOT-captured placeholders carry no grapharg) and multiplied by the zero placeholders,
+    and the warm start loaded that step: one token over and over."""
+    from compiled_serve.startup import start_engine
+
+    monkeypatch.setenv("COMPILED_SERVE_CACHE_ROOT", str(tmp_path / "cache"))
+    fields = dict(model=q4_gguf, dtype="float32", compile_mode=mode, num_kv_blocks=64, max_num_seqs=4,
+                  quantization="gguf")
+    want, _ = _greedy(_engine(q4_gguf, **{**fields, "build_cache": False}))
+    cold = start_engine(EngineConfig(**fields), spinner=False)
+    assert cold.build_status is not None and not cold.build_status.loaded
+    assert cold.compile_report.graphs[0]["matches"]["quantized-linear"] == 4 * NUM_LAYERS
+    assert _greedy(cold)[0] == want
+    warm = start_engine(EngineConfig(**fields), spinner=False)
+    assert warm.build_status is not None and warm.build_status.loaded
+    assert _greedy(warm)[0] == want
