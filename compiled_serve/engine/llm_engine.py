@@ -31,7 +31,7 @@ from compiled_serve.engine.kv_cache import (
     num_blocks_for_cpu,
     num_blocks_for_cuda,
 )
-from compiled_serve.engine.model_runner import ModelRunner
+from compiled_serve.engine.model_runner import GuardsOffAfterWarmup, ModelRunner
 from compiled_serve.engine.output_builder import build_request_output
 from compiled_serve.engine.persistent_batch import PersistentBatch
 from compiled_serve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
@@ -197,6 +197,8 @@ class LLMEngine:
         self._reset_counters()
         self._on_progress("compiling (warm-up steps)")
         self._warmup()
+        if isinstance(self.runner.step_fn, GuardsOffAfterWarmup):  # CPU: the warm-up compiled the step
+            self.runner.step_fn.arm()
         if self.use_cuda_graphs:
             if self.mixed_buckets:
                 self.runner.capture_mixed_graphs(

@@ -36,7 +36,7 @@ class ModelRunner:
     ):
         self.model = model
         # compiled forward(input_ids, positions) -> hidden [T, hidden]
-        self.step_fn = step_fn if device.type == "cuda" else _unbacked_tokens(step_fn)
+        self.step_fn = step_fn if device.type == "cuda" else GuardsOffAfterWarmup(_unbacked_tokens(step_fn))
         self.min_step_tokens = MIN_STEP_TOKENS if device.type == "cuda" else 1
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -149,6 +149,31 @@ class ModelRunner:
         pos = self._to_device(positions, torch.int64)
         with forward_context(meta):
             return self.step_fn(ids, pos)  # [T, hidden]
+
+
+class GuardsOffAfterWarmup:
+    """The CPU step, with dynamo's guard check skipped once the warm-up has compiled it.
+
+    Each call of a `torch.compile`d function first evaluates its guards: on the embedded model's
+    quantized step (the plain path, ~250 lifted parameters) that was 0.8 ms of a 17 ms decode step
+    (torch.profiler, "TorchDynamo Cache Lookup"). After the warm-up the step has its one dynamic
+    graph and nothing the engine passes can need another (token counts are unbacked, the KV caches
+    and parameters are the engine's own for its life), so `arm()` makes later calls run under
+    `skip_guard_eval_unsafe`: dynamo then checks only guards that tell cache entries apart. A
+    step loaded from a build runs without guards already (build/precompiled.py)."""
+
+    def __init__(self, step_fn: Callable):
+        self.step_fn = step_fn
+        self.armed = False
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if not self.armed:
+            return self.step_fn(input_ids, positions)
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return self.step_fn(input_ids, positions)
 
 
 def _unbacked_tokens(step_fn: Callable) -> Callable:
