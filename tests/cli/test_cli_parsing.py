@@ -7,6 +7,8 @@ import argparse
 import importlib.metadata
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +68,25 @@ def test_help_imports_neither_torch_nor_fastapi() -> None:
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
     assert "--shutdown-timeout" in result.stdout
+
+
+HELP_BOUND_S = 2.0  # the issue asks < 1 s; the bound leaves room for a loaded 2-core CI box
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"]])
+def test_help_is_fast(argv: list[str]) -> None:
+    """`compiled-serve --help` as a user runs it, timed from process start to exit.
+    Measured on the idle 2-core machine: 0.22-0.24 s for both (the console script)."""
+    script = Path(sys.executable).with_name("compiled-serve")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "compiled_serve.cli"]
+    timings = []
+    for _ in range(3):  # the fastest of three: one slow run on a busy box is noise, three are a regression
+        start = time.perf_counter()
+        result = subprocess.run([*command, *argv], capture_output=True, text=True, timeout=60)
+        timings.append(time.perf_counter() - start)
+        assert result.returncode == 0, result.stderr
+        assert "usage: compiled-serve" in result.stdout
+    assert min(timings) < HELP_BOUND_S, timings
 
 
 def test_compile_and_serve_name_the_build_directory_with_one_flag(capsys: pytest.CaptureFixture[str]) -> None:
