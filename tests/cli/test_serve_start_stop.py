@@ -47,10 +47,12 @@ def test_a_busy_port_fails_before_the_model_loads(tmp_path: Path) -> None:
         process = _serve(tmp_path / "never-read", port)
         stdout, stderr = process.communicate(timeout=60)
         elapsed = time.monotonic() - start
-    assert process.returncode == 2
+    assert process.returncode != 0 and process.returncode == 2  # argparse's usage-error code
     assert f"cannot listen on 127.0.0.1:{port}" in stderr and "--port" in stderr
-    assert "listening" not in stdout and "loading weights" not in stderr
-    assert elapsed < 10  # interpreter start-up and argument parsing only (no torch import)
+    assert "listening" not in stdout and "listening" not in stderr and "loading weights" not in stderr
+    # Interpreter start-up, argument parsing and one bind (no torch import): measured 0.29-0.33 s
+    # on the idle 2-core machine; the issue asks under a second, 3 s leaves room for a busy box.
+    assert elapsed < 3, elapsed
 
 
 def _collect(stream: object, into: list[str]) -> threading.Thread:
