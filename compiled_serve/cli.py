@@ -15,6 +15,7 @@ import argparse
 import importlib.metadata
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -234,9 +235,13 @@ def _run_server(sock: Any, args: argparse.Namespace, app: Any, server_config: Se
     config = uvicorn_config(app, server_config, log_level=args.log_level, log_config=None)
     server = HTTPServer(config, engine_loop=app.state.server.engine_loop, grace_s=server_config.shutdown_timeout_s,
                         on_listening=listening)
+    # uvicorn handles SIGINT and SIGTERM alike (drain, grace period), then restores the previous
+    # handlers and re-raises the signal: Python's default SIGTERM would then kill the process
+    # (exit -15) after the clean shutdown, so SIGTERM raises KeyboardInterrupt as SIGINT does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a clean shutdown
+    except KeyboardInterrupt:  # the signal uvicorn handled, re-raised after a clean shutdown
         return 0
     return 0 if server.started else 1
 

@@ -1,6 +1,6 @@
 """`compiled-serve serve` as a user runs it: a busy port fails before the model loads; the log has
 one timestamped line per phase and agrees with the startup summary; "listening" is printed once the
-server listens; Ctrl-C mid-stream ends the stream with an error event and [DONE], with no traceback,
+server listens; Ctrl-C or SIGTERM mid-stream ends the stream with an error event and [DONE], with no traceback,
 within the grace period plus a second."""
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def _stream_completion(base_url: str, events: list[str]) -> None:
 
 
 @pytest.mark.heavy
-def test_serve_logs_listens_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_logs_listens_and_stops_cleanly_on_a_signal(tmp_path: Path, stop_signal: signal.Signals) -> None:
+    """Ctrl-C (SIGINT) and an operator's or orchestrator's SIGTERM stop the same way."""
     model_dir = write_tiny_chat_model(tmp_path / "model")
     port = _free_port()
     process = _serve(model_dir, port, "--shutdown-timeout", str(GRACE_S), cache_root=tmp_path / "cache")
@@ -99,7 +101,7 @@ def test_serve_logs_listens_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             assert client.is_alive(), events
             time.sleep(0.02)
         interrupted = time.monotonic()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         assert process.wait(30) == 0
         stop_seconds = time.monotonic() - interrupted
         client.join(30)
