@@ -25,7 +25,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from compiled_serve.build.progress import CompileProgress
 from compiled_serve.cache.build_cache import BuildCache
@@ -50,14 +50,15 @@ def build_cache_for(config: EngineConfig) -> BuildCache | None:
     return BuildCache(max_bytes=int(config.build_cache_gib * 2**30))
 
 
-def start_engine(config: EngineConfig, spinner: bool | None = None) -> LLMEngine:
-    """Builds the engine, logging each phase; `spinner` None: on a terminal only."""
+def start_engine(config: EngineConfig, spinner: bool | None = None, console: Any = None) -> LLMEngine:
+    """Builds the engine, logging each phase; `spinner` (the progress display) None: on a terminal
+    only; `console`: the rich console it draws on (None: stdout)."""
     from compiled_serve.engine.llm_engine import LLMEngine
 
     start = time.perf_counter()
     cache = build_cache_for(config)
     dynamo_before, inductor_before = _dynamo_seconds(), _inductor_counts()
-    with CompileProgress(enabled=on_a_terminal() if spinner is None else spinner) as progress, \
+    with CompileProgress(enabled=on_a_terminal() if spinner is None else spinner, console=console) as progress, \
             _recording(cache):
         engine = LLMEngine(config, on_progress=progress.update, build_cache=cache)
         backends = sum(g["seconds"] for report in (engine.compile_report, engine.tail_report) for g in report.graphs)

@@ -16,6 +16,7 @@ from torch import nn
 
 from compiled_serve.errors import ModelLoadError
 from compiled_serve.models.layers import PackedLinear, default_weight_loader
+from compiled_serve.phase_progress import report_progress
 
 # (our packed param fragment, checkpoint fragment, shard id)
 StackedParamsMapping = tuple[tuple[str, str, Any], ...]
@@ -58,6 +59,7 @@ def load_hf_weights(
             except (ValueError, KeyError) as e:
                 raise ModelLoadError(f"checkpoint tensor {ckpt_name!r}: {e}") from e
             loaded.add((name, shard))
+            report_progress("loading weights", len(loaded), len(expected))  # a bar on a terminal
 
     arch = type(module).__name__
     if unexpected:

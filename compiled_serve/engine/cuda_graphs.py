@@ -40,6 +40,7 @@ import torch
 
 from compiled_serve.engine.buckets import normalize_buckets, pick_bucket
 from compiled_serve.kernels.forward_context import AttentionMetadata, forward_context
+from compiled_serve.phase_progress import report_progress
 
 logger = logging.getLogger("compiled_serve.engine")
 
@@ -91,6 +92,7 @@ class DecodeGraphs:
         self.buckets = normalize_buckets(buckets)  # never below MIN_STEP_TOKENS
         self.max_bucket = big = self.buckets[-1]
         self.query_len = query_len
+        self.kind = "decode" if query_len == 1 else "mixed-step"  # what the log and progress call it
         self.seq_capacity = cap = min(seq_capacity or big, big)  # sequences of the largest bucket
         self.pool = pool  # shared with other graph sets (captured largest first), or made here
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -148,8 +150,9 @@ class DecodeGraphs:
             return self.step_fn(self.input_ids[:bucket], self.positions[:bucket])  # [bucket, hidden]
 
     @torch.inference_mode()
-    def capture_all(self, progress: Callable[[int], None] | None = None) -> None:
-        """Capture every bucket, largest first, into one pool. The buffers hold an all-padding batch."""
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first, into one pool. The buffers hold an all-padding batch.
+        Each capture is a step of the phase's progress (a bar on a terminal); the log gets one line."""
         if not self.use_graphs:
             return
         start = time.perf_counter()
@@ -168,13 +171,12 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
             self.pool_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
             self.graphs[bucket] = graph
-            if progress is not None:
-                progress(bucket)
+            report_progress(f"capturing {self.kind} CUDA graphs", len(self.graphs), len(self.buckets))
         for graph in self.graphs.values():  # the first replay uploads the graph: pay it before ready
             graph.replay()
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
-        logger.info("captured %d decode graph(s) in %.2fs, pool %.1f MiB", len(self.graphs),
+        logger.info("captured %d %s CUDA graph(s) in %.2fs, pool %.1f MiB", len(self.graphs), self.kind,
                     self.capture_seconds, self.pool_bytes / 2**20)
 
     def fits(self, num_seqs: int, max_blocks: int) -> bool:

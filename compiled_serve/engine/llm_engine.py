@@ -55,12 +55,15 @@ from compiled_serve.passes.logits_tail_pipeline import (
 )
 from compiled_serve.passes.pipeline import compile_model
 from compiled_serve.passes.registry import default_pass_manager
+from compiled_serve.phase_progress import report_progress
 from compiled_serve.sampling_params import SamplingParams
 from compiled_serve.structured import StructuredOutputsParams
 
 logger = logging.getLogger("compiled_serve.engine")
 
 OUTPUT_KINDS = ("cumulative", "delta", "final")
+WARMUP_PHASE = "warm-up steps"  # its progress: one step per shape the warm-up runs
+WARMUP_SHAPES = 6  # the full warm-up's (see _run_warmup_requests); a warm start's short check runs 2
 
 # Seeds of unseeded requests: drawn once per sequence, independent of any torch generator state.
 _SEED_SOURCE = random.SystemRandom()
@@ -200,13 +203,11 @@ class LLMEngine:
         if isinstance(self.runner.step_fn, GuardsOffAfterWarmup):  # CPU: the warm-up compiled the step
             self.runner.step_fn.arm()
         if self.use_cuda_graphs:
+            # One log line per graph set (cuda_graphs.py); each bucket is a step of its progress bar.
+            self._on_progress("capturing CUDA graphs")
             if self.mixed_buckets:
-                self.runner.capture_mixed_graphs(
-                    self.mixed_buckets, self.max_model_len, config.max_num_seqs,
-                    progress=lambda b: self._on_progress(f"captured CUDA graph for mixed-step bucket {b}"))
-            self.runner.capture_decode_graphs(
-                self.decode_buckets, self.max_model_len,
-                progress=lambda b: self._on_progress(f"captured CUDA graph for decode bucket {b}"))
+                self.runner.capture_mixed_graphs(self.mixed_buckets, self.max_model_len, config.max_num_seqs)
+            self.runner.capture_decode_graphs(self.decode_buckets, self.max_model_len)
         self.compile_seconds += time.perf_counter() - t0
         self._reset_counters()
         if self.tp is not None and self.build_status is not None:  # each worker's own build (tp_builds.py)
@@ -258,31 +259,42 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         budget = cfg.max_num_batched_tokens
         on_gpu = self.device.type == "cuda"
+        total = WARMUP_SHAPES if full else 2
+        shapes = iter(range(1, total + 1))
+
+        def shape_done() -> None:  # a step of the warm-up's progress bar (on a terminal)
+            report_progress(WARMUP_PHASE, next(shapes), total)
+
         try:
             if not full:
                 # One prefill and decodes through the loaded step and tail, and the grammar
                 # backend's tokenizer built before the first request; no other real steps.
                 self.add_request("__warmup_a__", [0] * 3, SamplingParams(max_tokens=2, ignore_eos=True))
                 self._drain_warmup()
+                shape_done()
                 self._warmup_grammar_backend()
+                shape_done()
                 return
             # The full budget on CUDA (kernel variants and autotuning for large steps); on the
             # CPU, where one dynamic graph serves every size, a short prompt is enough.
             long_len = max(2, min(budget if on_gpu else 2 * cfg.block_size + 3, self.max_model_len - 4))
             self.add_request("__warmup_a__", [0] * 3, SamplingParams(max_tokens=3, ignore_eos=True))
             self.step()  # prefill a
+            shape_done()
             self.add_request("__warmup_b__", [0] * long_len,
                              SamplingParams(max_tokens=2, ignore_eos=True, logprobs=1))
             self.add_request("__warmup_c__", [0] * 3,
                              SamplingParams(max_tokens=2, ignore_eos=True, repetition_penalty=1.1))
             self._drain_warmup()
+            shape_done()
             # A batch of sampled decodes with top-k (the other tail branch), then a lone decode.
             for size in (min(4, cfg.max_num_seqs), 1):
                 for i in range(size):
                     self.add_request(f"__warmup_d{i}__", [0] * 2,
                                      SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.8, top_k=5))
                 self._drain_warmup()
-            self._warmup_constrained()
+                shape_done()
+            self._warmup_constrained(shape_done)
         finally:
             for rid in [r for r in self._requests if r.startswith("__warmup")]:
                 self.abort_request(rid)
@@ -290,21 +302,25 @@ class LLMEngine:
             self.batch.reconcile([])
             self.block_manager, self.scheduler = real
 
-    def _warmup_constrained(self) -> None:
+    def _warmup_constrained(self, shape_done: Callable[[], None]) -> None:
         """Grammar-constrained rows: the tail with a bitmask, alone and beside a penalised row (two
         more tail graphs), and on CUDA the bitmask kernel; also builds the grammar backend's
         tokenizer (about a second) before the first request instead of during it. A model whose
         tokenizer the backend cannot use serves no constrained request: nothing to warm."""
         spec = self._warmup_grammar_backend()
         if spec is None:
+            shape_done()  # nothing to warm: both shapes are done
+            shape_done()
             return
         constrained = SamplingParams(max_tokens=3, temperature=0.8, structured_outputs=spec)
         self.add_request("__warmup_g0__", [0] * 3, constrained)
         self._drain_warmup()
+        shape_done()
         self.add_request("__warmup_g1__", [0] * 3, constrained)
         self.add_request("__warmup_g2__", [0] * 3,
                          SamplingParams(max_tokens=2, ignore_eos=True, repetition_penalty=1.1))
         self._drain_warmup()
+        shape_done()
 
     def _warmup_grammar_backend(self) -> StructuredOutputsParams | None:
         """Builds the grammar backend's tokenizer; the spec it compiled, or None where the model

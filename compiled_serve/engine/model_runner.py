@@ -53,7 +53,6 @@ class ModelRunner:
 
     def capture_decode_graphs(
         self, buckets: Sequence[int], max_model_len: int, capture: bool = True,
-        progress: Callable[[int], None] | None = None,
     ) -> DecodeGraphs:
         """Set up the static decode path; `capture=False` (or CPU) runs it without graphs."""
         max_blocks = round_up_width(-(-max_model_len // self.block_size))
@@ -62,13 +61,12 @@ class ModelRunner:
                               capture=capture, pool=pool)
         if self.on_new_graphs is not None:
             self.on_new_graphs(graphs, "decode")
-        graphs.capture_all(progress)
+        graphs.capture_all()
         self.decode_graphs = graphs
         return graphs
 
     def capture_mixed_graphs(
         self, token_buckets: Sequence[int], max_model_len: int, max_num_seqs: int,
-        progress: Callable[[int], None] | None = None,
     ) -> DecodeGraphs:
         """Graphs for prefill and mixed steps up to the largest token bucket; capture them before
         the decode graphs, which then share their (larger) memory pool."""
@@ -77,7 +75,7 @@ class ModelRunner:
                               self.device, query_len=None, seq_capacity=max_num_seqs)
         if self.on_new_graphs is not None:
             self.on_new_graphs(graphs, "mixed")
-        graphs.capture_all(progress)
+        graphs.capture_all()
         self.mixed_graphs = graphs
         return graphs
 
