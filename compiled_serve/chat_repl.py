@@ -6,17 +6,22 @@ and the reply is printed as the engine produces it. Piped stdin works too:
     printf 'Hi\\nAnd in French?\\n' | compiled-serve chat --max-tokens 32
 
 Commands: /reset (forget the conversation), /exit or end of input (quit). Ctrl-C stops a reply.
+The loop (`run_conversation`) takes any replier; `chat --url` gives it a server's (chat_client.py).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from compiled_serve.errors import InvalidParameterError
 from compiled_serve.sampling_params import SamplingParams
 
 _EXIT = ("/exit", "/quit", "/bye")
+
+# (request id, the conversation so far, where to stream the reply) -> the whole reply
+Replier = Callable[[str, list[dict], TextIO], str]
 
 
 def chat_prompt_ids(engine: Any, messages: list[dict], template: str | None = None) -> list[int]:
@@ -57,6 +62,17 @@ def stream_reply(engine: Any, request_id: str, prompt_ids: list[int], params: Sa
 
 def run_chat(engine: Any, params: SamplingParams, stdin: TextIO, stdout: TextIO, system: str | None = None,
              template: str | None = None, interactive: bool = False) -> int:
+    """The chat loop with the in-process engine."""
+
+    def reply(request_id: str, messages: list[dict], out: TextIO) -> str:
+        return stream_reply(engine, request_id, chat_prompt_ids(engine, messages, template), params, out)
+
+    return run_conversation(reply, stdin, stdout, system=system, interactive=interactive)
+
+
+def run_conversation(reply: Replier, stdin: TextIO, stdout: TextIO, system: str | None = None,
+                     interactive: bool = False) -> int:
+    """Reads user turns until /exit or end of input; `reply` streams each answer to stdout."""
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
     ids = itertools.count()
@@ -81,8 +97,8 @@ def run_chat(engine: Any, params: SamplingParams, stdin: TextIO, stdout: TextIO,
             messages = list(opening)
             continue
         messages.append({"role": "user", "content": text})
-        reply = stream_reply(engine, f"chat-{next(ids)}", chat_prompt_ids(engine, messages, template), params, stdout)
-        messages.append({"role": "assistant", "content": reply})
+        answer = reply(f"chat-{next(ids)}", messages, stdout)
+        messages.append({"role": "assistant", "content": answer})
     if interactive:
         stdout.write("\n")
     return 0

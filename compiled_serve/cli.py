@@ -2,6 +2,7 @@
 
     compiled-serve serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key K] ...
     compiled-serve chat [MODEL] [--max-tokens N] [--temperature T] [--system TEXT]
+    compiled-serve chat --url http://127.0.0.1:8000 [--model NAME] [--api-key K]
     compiled-serve compile [MODEL] --build-dir DIR
     compiled-serve bench {throughput,latency,serve,report}
     compiled-serve --version
@@ -95,8 +96,17 @@ def _add_serve_parser(commands: Any) -> None:
 def _add_chat_parser(commands: Any) -> None:
     from compiled_serve.sampling_params import SamplingParams
 
-    chat = commands.add_parser("chat", help="chat with a model in the terminal (in-process; stdin may be piped)")
+    chat = commands.add_parser("chat", help="chat with a model in the terminal: in-process, or with a running "
+                                            "server through --url (stdin may be piped)")
     _add_engine_flags(chat)
+    chat.add_argument("--url", default=None,
+                      help="chat with a running OpenAI-compatible server at this address (http://host:port, with "
+                           "or without /v1) instead of loading a model here; --model then names the server's "
+                           "model (none: the first that /v1/models lists) and the engine flags are unused; "
+                           "none: load the model in this process")
+    chat.add_argument("--api-key", default=None,
+                      help="with --url: the bearer token the server wants (its --api-key); none: send no "
+                           "Authorization header")
     chat.add_argument("--chat-template", dest="chat_template_file", default=None,
                       help="a Jinja chat-template file used instead of the model's own; none: the model's own")
     chat.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens (default: 512)")
@@ -249,6 +259,16 @@ def _run_server(sock: Any, args: argparse.Namespace, app: Any, server_config: Se
 def chat(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.url is not None:
+        if args.chat_template_file:
+            print("compiled-serve: error: --chat-template applies to the in-process chat; with --url the "
+                  "server applies its own", file=sys.stderr)
+            return 2
+        from compiled_serve.chat_client import run_remote_chat
+
+        return run_remote_chat(args.url, sys.stdin, sys.stdout, sys.stderr, model=args.model,
+                               api_key=args.api_key, max_tokens=args.max_tokens, temperature=args.temperature,
+                               system=args.system, interactive=sys.stdin.isatty())
     from compiled_serve.chat_repl import run_chat
     from compiled_serve.sampling_params import SamplingParams
     from compiled_serve.startup import start_engine

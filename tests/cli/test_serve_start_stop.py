@@ -5,37 +5,25 @@ within the grace period plus a second."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from serve_process import collect, free_port, serve_process, wait_listening
 from tiny_chat_model import dummy_flags, write_tiny_chat_model
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR) ")
 GRACE_S = 0.5
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _serve(model_dir: Path, port: int, *extra: str, cache_root: Path | None = None) -> subprocess.Popen[str]:
-    env = dict(os.environ)
-    if cache_root is not None:  # a build cache of its own: this start compiles, never a hit from another test
-        env["COMPILED_SERVE_CACHE_ROOT"] = str(cache_root)
-    return subprocess.Popen([sys.executable, "-m", "compiled_serve.cli", "serve", *dummy_flags(model_dir),
-                             "--port", str(port), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return serve_process([*dummy_flags(model_dir), *extra], port, cache_root=cache_root)
 
 
 def test_a_busy_port_fails_before_the_model_loads(tmp_path: Path) -> None:
@@ -55,16 +43,6 @@ def test_a_busy_port_fails_before_the_model_loads(tmp_path: Path) -> None:
     assert elapsed < 3, elapsed
 
 
-def _collect(stream: object, into: list[str]) -> threading.Thread:
-    def pump() -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            into.append(line.rstrip("\n"))
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    return thread
-
-
 def _stream_completion(base_url: str, events: list[str]) -> None:
     body = {"prompt": "hello", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     try:
@@ -82,16 +60,13 @@ def _stream_completion(base_url: str, events: list[str]) -> None:
 def test_serve_logs_listens_and_stops_cleanly_on_a_signal(tmp_path: Path, stop_signal: signal.Signals) -> None:
     """Ctrl-C (SIGINT) and an operator's or orchestrator's SIGTERM stop the same way."""
     model_dir = write_tiny_chat_model(tmp_path / "model")
-    port = _free_port()
+    port = free_port()
     process = _serve(model_dir, port, "--shutdown-timeout", str(GRACE_S), cache_root=tmp_path / "cache")
     stdout: list[str] = []
     stderr: list[str] = []
-    readers = [_collect(process.stdout, stdout), _collect(process.stderr, stderr)]
+    readers = [collect(process.stdout, stdout), collect(process.stderr, stderr)]
     try:
-        deadline = time.monotonic() + 240
-        while not any("listening" in line for line in stdout):
-            assert process.poll() is None and time.monotonic() < deadline, "\n".join(stderr)
-            time.sleep(0.05)
+        wait_listening(process, stdout, stderr)
         base_url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base_url}/health").status_code == 200  # listening means listening: no retry
         events: list[str] = []
