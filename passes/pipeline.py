@@ -22,6 +22,7 @@ import torch.fx
 from compiled_serve.kernels.paged_attention import kv_caches_for_step
 from compiled_serve.passes.base import GraphPass, count_ops
 from compiled_serve.passes.graph_inputs import attach_example_inputs, detach_example_inputs
+from compiled_serve.passes.layer_regions import compile_by_layer, regional_compile_enabled
 from compiled_serve.passes.manager import PassManager
 from compiled_serve.passes.registry import default_pass_manager
 
@@ -69,7 +70,13 @@ def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: C
         if mode == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            compiled = compile_fx(gm, example_inputs)
+            regional = None
+            if regional_compile_enabled() and not _aot_compiling():
+                regional = compile_by_layer(gm, example_inputs, compile_fx)
+            if regional is not None:
+                compiled, entry["regions"] = regional
+            else:
+                compiled = compile_fx(gm, example_inputs)
         else:
             compiled = GraphCallable(gm)
         entry["seconds"] = time.perf_counter() - start
@@ -78,6 +85,14 @@ def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: C
         return compiled
 
     return backend
+
+
+def _aot_compiling() -> bool:
+    """Inside `torch.compile(...).aot_compile` (build/precompiled.py), whose backend must return
+    one serialisable compiled graph: torch patches these two settings on for exactly that call."""
+    import torch._functorch.config as functorch_config
+
+    return bool(functorch_config.force_autograd_cache and functorch_config.bundled_autograd_cache)
 
 
 class GraphCallable:

@@ -42,10 +42,10 @@ def test_step_launch_never_syncs_with_the_host(tmp_path):
     _mixed_requests(engine, "s")
     original = engine._launch
 
-    def checked_launch(sched):
+    def checked_launch(*args):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return original(sched)
+            return original(*args)
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
