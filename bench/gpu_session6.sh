@@ -3,7 +3,8 @@
 # W4 through the server, the structured-output overheads). PART=b: the 8B cold compile and warm
 # starts with regional compilation (bench/gpu_start.sh), then the cold compile with it off, for the
 # same-day comparison (issue 9: cold compile < 27.9 s). PART=c: W2 and W3 with it on (throughput
-# must not move). Carry: .whl .gputok
+# must not move). PART=d: every GPU test, the batch mask fill A/B (issue 10), W3 with FP8 weights (issue 13:
+# >= 1.6x our bf16 W3). PART=e: W4, then W2 with FP8 weights (>= 1.3x our bf16 W2). Carry: .whl .gputok
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 case "${PART:-a}" in
 a) bash bench/gpu_session5.sh ;;
@@ -25,4 +26,21 @@ c) source bench/device_setup.sh >/dev/null 2>&1
    CLI="python3 -c 'import sys; from compiled_serve.cli import main; sys.exit(main(sys.argv[1:]))'"
    eval "timeout 300 $CLI bench throughput --workload W2 --results-dir $OUT" 2>&1 | grep -v "^DEBUG" | tail -12
    eval "timeout 240 $CLI bench latency --results-dir $OUT" 2>&1 | grep -v "^DEBUG" | tail -12 ;;
+d) source bench/device_setup.sh >/dev/null 2>&1
+   export PYTHONUNBUFFERED=1 COMPILED_SERVE_TEST_SMOLLM2_TOKENIZER=$PWD/.gputok
+   CLI="python3 -c 'import sys; from compiled_serve.cli import main; sys.exit(main(sys.argv[1:]))'"
+   timeout 170 python3 -m pytest -q -p no:cacheprovider -m gpu -rfEs --timeout=120 tests 2>&1 \
+     | tee "$OUT/gpu_tests.log" | tail -8
+   for mode in par serial; do
+     flag=""; [ $mode = serial ] && flag=--serial-fill
+     timeout 90 python3 bench/structured_bench.py --device cuda --dummy-weights .gputok --backends llguidance \
+       --no-tail $flag --tag $mode --out "$OUT" 2>&1 | grep -A8 '"step"' | tr -d '\n '; echo
+   done
+   eval "timeout 200 $CLI bench latency --quantization fp8 --results-dir $OUT/fp8" 2>&1 | grep -v "^DEBUG" | tail -12 ;;
+e) source bench/device_setup.sh >/dev/null 2>&1
+   export PYTHONUNBUFFERED=1
+   CLI="python3 -c 'import sys; from compiled_serve.cli import main; sys.exit(main(sys.argv[1:]))'"
+   eval "timeout 200 $CLI bench serve --results-dir $OUT" 2>&1 | grep -v -E "^DEBUG|httpx" | tail -12
+   eval "timeout 300 $CLI bench throughput --workload W2 --quantization fp8 --results-dir $OUT/fp8" 2>&1 \
+     | grep -v "^DEBUG" | tail -12 ;;
 esac

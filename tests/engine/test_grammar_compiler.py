@@ -113,3 +113,44 @@ def test_cache_is_bounded_in_entries_and_bytes(compiler) -> None:
     small.compile(StructuredOutputsParams(choice=big_choices[2:]))  # the newest: still there
     small.compile(StructuredOutputsParams(choice=big_choices[0:]))  # the oldest: evicted
     assert (cache.hits, cache.misses) == (hits + 1, misses + 1)
+
+
+def test_a_batch_fill_gives_each_row_its_own_fill(compiler, smollm2_tokenizer) -> None:
+    """`StructuredState.bitmask_rows` fills llguidance's rows together on its thread pool: each row
+    equals what that sequence's own one-row fill (`bitmask_row`) writes, unconstrained rows stay
+    all ones, and a matcher that failed gets the EOS-only row."""
+    from compiled_serve.engine.sequence import Sequence
+    from compiled_serve.engine.structured_state import StructuredState
+
+    eos = smollm2_tokenizer.eos_token_id
+    state = StructuredState(smollm2_tokenizer, VOCAB, {eos})
+    specs = [StructuredOutputsParams(regex="[0-9]{2,5}x"), StructuredOutputsParams(choice=["alpha", "beta gamma"]),
+             StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "integer"}},
+                                           "required": ["a"]}), None]
+    seqs = []
+    for i in range(16):
+        seq = Sequence(f"r{i}", 0, [1, 2, 3], SamplingParams(max_tokens=8), 8)
+        spec = specs[i % len(specs)]
+        state.attach(seq, None if spec is None else compiler.compile(spec))
+        for step in range(i // len(specs)):  # rows at different states: take the k-th allowed token
+            row = state.bitmask_row(seq)
+            if row is None:
+                break
+            allowed = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little")[:VOCAB])
+            state.accept(seq, int(allowed[(7 * i + step) % len(allowed)]))
+        seqs.append(seq)
+    broken = seqs[0]
+    state.accept(broken, smollm2_tokenizer.encode("z")[0])  # the regex cannot take it: the matcher ends
+    state.attach(broken, compiler.compile(specs[0]))
+    state._matchers[broken]._matcher.consume_token(smollm2_tokenizer.encode("z")[0])  # now in error, still attached
+    assert state._matchers[broken].error is not None
+
+    batch = state.bitmask_rows(seqs)
+    for j, seq in enumerate(seqs):
+        own = state.bitmask_row(seq)
+        want = np.full(bitmask_width(VOCAB), -1, dtype=np.int32) if own is None else own
+        np.testing.assert_array_equal(batch[j], want, err_msg=f"row {j}")
+    eos_only = np.zeros(bitmask_width(VOCAB), dtype=np.int32)
+    eos_only[eos // 32] = np.int32(np.uint32(1 << (eos % 32)).view(np.int32))
+    np.testing.assert_array_equal(batch[0], eos_only)
+    assert (batch[3] == -1).all() and (batch[1] != -1).any()  # unconstrained / constrained
