@@ -137,3 +137,54 @@ def test_fused_silu_mul_is_still_a_gate_up_projection():
     assert count_ops(g)["compiled_serve::silu_and_mul"] == ours.config.num_layers
     assert sorted(set(tp.roles.values())) == ["gate_up", "qkv", "row", "vocab"]
     assert count_ops(g)[ALL_REDUCE] == 2 * ours.config.num_layers + 1
+
+
+def _logits_graph(model, rank: int, world_size: int):
+    """`compute_logits` captured as the engine captures it (tp_pipeline.compile_logits), then
+    TensorParallelPass alone: the graph is rewritten, never run (no process group needed)."""
+    class _Captured(Exception):
+        pass
+
+    graphs = []
+
+    def grab(gm, inputs):
+        tp = TensorParallelPass(rank, world_size, group_name="0")
+        tp(gm)
+        graphs.append((gm, tp))
+        raise _Captured
+
+    torch._dynamo.reset()
+    compute = type(model).compute_logits
+    try:
+        with torch.no_grad():
+            torch.compile(lambda h: compute(model, h), backend=grab, fullgraph=True, dynamic=True)(
+                torch.randn(5, model.config.hidden_size))
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        if not isinstance(e.inner_exception, _Captured):
+            raise e.inner_exception from e
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+@pytest.mark.parametrize("kind,overrides,weight", [
+    ("llama", {}, "lm_head"),
+    ("qwen2", {"tie_word_embeddings": True}, "embed_tokens"),  # the tied embedding is the lm_head
+])
+def test_logits_graph_gets_exactly_one_vocab_gather(kind, overrides, weight):
+    for rank in (0, 1):
+        _, ours = hf_and_ours(kind, **overrides)
+        g, tp = _logits_graph(ours, rank, 2)
+        ops = count_ops(g)
+        # One all-gather of the vocabulary shards (and its wait); no all-reduce in the logits graph.
+        assert ops[GATHER] == 1 == ops[WAIT]
+        assert ops.get(ALL_REDUCE, 0) == 0
+        gather = next(n for n in g.graph.nodes if n.op == "call_function"
+                      and str(n.target).startswith("_c10d_functional.all_gather_into_tensor"))
+        assert gather.args[1] == 2 and gather.args[2] == "0"  # over both ranks of the group
+        cfg = ours.config
+        (name, role), = tp.roles.items()
+        assert weight in name and role == "gathered"
+        assert tp.shard_shapes[name] == (cfg.vocab_size // 2, cfg.hidden_size)
+        # The gathered [2 * n, V/2] is laid back out to [n, V] before the float cast reaches the output.
+        layout = [n.target for n in g.graph.nodes if n.op == "call_method"]
+        assert layout[layout.index("view"):layout.index("reshape") + 1] == ["view", "permute", "reshape"]
