@@ -1,4 +1,5 @@
-"""A llama.cpp GGUF file: metadata -> ModelConfig, tensors dequantized to float one at a time.
+"""A llama.cpp GGUF file: metadata -> ModelConfig, tensors dequantized to float one at a time
+(a tensor-parallel rank: only its rows or columns of each, gguf_slice.py).
 
 Quirks handled here:
 - llama.cpp's converter permutes the rows of q/k for llama-arch models (its RoPE rotates
@@ -39,6 +40,7 @@ from compiled_serve.models.loaders.base import (
     require_existing,
 )
 from compiled_serve.models.loaders.gguf_reader import GGUFFile
+from compiled_serve.models.loaders.gguf_slice import GGUFSlice
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _GLOBAL_NAMES = {
@@ -169,12 +171,19 @@ def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(reader: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(hf_name, float32 tensor) pairs, dequantizing one tensor at a time."""
+def iter_gguf_weights(reader: GGUFFile, config: ModelConfig, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """(hf_name, float32 tensor) pairs, dequantizing one tensor at a time; `lazy` (a
+    tensor-parallel rank): (hf_name, GGUFSlice) pairs that dequantize only what is indexed."""
     permuted = _field(reader, "general.architecture") == "llama"
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
             continue  # folded into config.rope_scaling
+        if lazy:
+            name = hf_tensor_name(tensor.name)
+            heads = config.num_heads if ".self_attn.q_proj." in name else \
+                config.num_kv_heads if ".self_attn.k_proj." in name else None
+            yield name, GGUFSlice(tensor, heads if permuted else None)
+            continue
         array = dequantize(tensor)
         weight = torch.from_numpy(array if array.flags.writeable else array.copy())
         name = hf_tensor_name(tensor.name)
@@ -221,7 +230,7 @@ def load_gguf(request: LoadRequest) -> LoadedModel:
     reader = open_gguf(path)
     config = gguf_config(reader)
     module = build_empty_module(config, request.dtype, request.device, tp=request.tp)
-    module.load_weights(iter_gguf_weights(reader, config))
+    module.load_weights(iter_gguf_weights(reader, config, lazy=request.tp[1] > 1))
     chat_template = _field(reader, "tokenizer.chat_template", None)
     has_vocab = "tokenizer.ggml.tokens" in reader.metadata  # tensor-only files (tests, merges) have none
     return LoadedModel(

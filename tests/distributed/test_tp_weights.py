@@ -65,20 +65,83 @@ def test_each_rank_holds_exactly_its_slices(model_dir, load_format):
         assert _check_rank(loaded.module, full, rank) == 5 * 2 + 2
 
 
-def test_gguf_ranks_hold_their_slices(tmp_path):
+def _tiny_gguf(path: str, qtypes: dict) -> None:
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
     from tiny_models import write_tiny_gguf
 
-    hf, _ = hf_and_ours("llama")
+    hf, _ = hf_and_ours("llama")  # llama: q/k rows permuted in the file (unpermuted per head on read)
+    write_tiny_gguf(path, hf, "llama", qtypes)
+
+
+def _count_dequantized(monkeypatch) -> list[tuple[str, int]]:
+    """Every float array gguf-py's dequantize makes, as (GGML type, bytes): what a load materializes."""
+    import gguf.quants
+
+    made: list[tuple[str, int]] = []
+    real = gguf.quants.dequantize
+
+    def counting(data, qtype):
+        out = real(data, qtype)
+        made.append((qtype.name, out.nbytes))
+        return out
+
+    monkeypatch.setattr(gguf.quants, "dequantize", counting)
+    return made
+
+
+def _qtypes(name: str) -> dict:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    return {"f32": {}, "f16": {"": Q.F16}, "q8_0": {"": Q.Q8_0}, "q4_0": {"": Q.Q4_0}}[name]
+
+
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0"])
+def test_gguf_ranks_dequantize_only_their_slices(tmp_path, monkeypatch, qtype):
     path = str(tmp_path / "tiny.gguf")
-    write_tiny_gguf(path, hf, "llama", {})
+    _tiny_gguf(path, _qtypes(qtype))
+    made = _count_dequantized(monkeypatch)
     full = dict(load_model(path, dtype=torch.float32, device="cpu").module.named_parameters())
+    whole_bytes = sum(n for _, n in made)
+    assert whole_bytes == sum(p.nbytes for p in full.values())  # TP=1: every tensor once, whole
     for rank in (0, 1):
+        made.clear()
         module = load_model(path, dtype=torch.float32, device="cpu", tp=(rank, 2)).module
         assert _check_rank(module, full, rank) == 4 * 2 + 2
+        # What the rank dequantized is exactly what it holds, its shards and the replicated norms:
+        # about half the checkpoint. A whole read of any sharded tensor would add its other half.
+        held = [getattr(p, "tp_shard", p) for p in module.parameters()]
+        assert sum(n for _, n in made) == sum(t.nbytes for t in held) < 0.55 * whole_bytes
+        # No array larger than the largest shard (the vocabulary's half): the embedding, read whole,
+        # would be twice that.
+        assert max(n for _, n in made) == max(t.nbytes for t in held) == full["model.embed_tokens.weight"].nbytes // 2
+
+
+def test_unaligned_gguf_column_slices_are_read_a_chunk_of_rows_at_a_time(tmp_path, monkeypatch):
+    """4 ranks: o_proj's 64 input columns are 16 per rank, half a Q8_0 block (32), so no block holds
+    just one rank's columns. Rows are dequantized a chunk at a time and only the columns kept."""
+    import gguf
+
+    import compiled_serve.models.loaders.gguf_slice as gguf_slice
+
+    path = str(tmp_path / "tiny.gguf")
+    _tiny_gguf(path, {"attn_output": gguf.GGMLQuantizationType.Q8_0})  # everything else F32
+    full = dict(load_model(path, dtype=torch.float32, device="cpu").module.named_parameters())
+    chunk = 16 * HIDDEN * 4  # 16 of o_proj's 64 rows
+    monkeypatch.setattr(gguf_slice, "CHUNK_BYTES", chunk)
+    made = _count_dequantized(monkeypatch)
+    o_proj = [f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2)]
+    for rank in range(4):
+        made.clear()
+        module = load_model(path, dtype=torch.float32, device="cpu", tp=(rank, 4)).module
+        params = dict(module.named_parameters())
+        for name in o_proj:
+            torch.testing.assert_close(params[name].tp_shard, full[name][:, rank * 16:(rank + 1) * 16], rtol=0, atol=0)
+        q8 = [n for q, n in made if q == "Q8_0"]
+        assert q8 == [chunk] * 4 * len(o_proj)  # each layer's rows in 4 chunks, never the whole [64, 64]
 
 
 def test_sharded_tensors_are_read_as_slices_never_whole(model_dir, monkeypatch):
