@@ -35,7 +35,8 @@ _ENGINE_FLAGS: dict[str, type] = {
     "block_size": int, "gpu_memory_utilization": float, "cpu_kv_cache_gib": float, "num_kv_blocks": int,
     "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int, "max_logprobs": int,
     "max_n": int, "compile_mode": str, "build_dir": str, "build_fallback": str, "build_cache_gib": float,
-    "tensor_parallel_size": int, "distributed_executor_backend": str, "scheduling": str,
+    "tensor_parallel_size": int, "distributed_executor_backend": str, "distributed_interface": str,
+    "scheduling": str,
     "structured_outputs_backend": str,
 }
 _SERVER_FLAGS: dict[str, type] = {

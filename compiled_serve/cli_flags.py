@@ -51,6 +51,9 @@ HELP: dict[str, str] = {
                             "loopback): heads and sizes must divide by it",
     "distributed_executor_backend": "uni: the model runs in the engine's process (TP=1 only); mp: through the "
                                     "tensor-parallel worker path, at TP=1 too; none: uni at TP=1, mp above",
+    "distributed_interface": "network interface the tensor-parallel ranks' sockets bind to; lo: loopback, this "
+                             "machine only. The traffic is unauthenticated: name another only on a private network "
+                             "(every rank still runs on this machine)",
     "max_logprobs": "largest logprobs / top_logprobs a request may ask for",
     "max_n": "largest n (samples per prompt) a request may ask for",
     "compile_mode": "inductor: compile the rewritten graph (slow start, fast steps); graph: run it as "

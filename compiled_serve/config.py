@@ -53,6 +53,10 @@ class EngineConfig:
     # worker path's protocol (a process group of one): how W3 compares the two. None: uni at
     # TP=1, mp above.
     distributed_executor_backend: str | None = None
+    # The network interface the ranks' gloo/NCCL sockets bind to (engine/tp_network.py): "lo", loopback,
+    # this machine only. Another interface is used only when named here; the traffic is unauthenticated,
+    # so it must be a private network. Every rank still runs on this machine (no multi-node runs).
+    distributed_interface: str = "lo"
     # Sampling caps.
     max_logprobs: int = 20
     max_n: int = 16
@@ -108,6 +112,9 @@ class EngineConfig:
              f"must be one of {_EXECUTOR_BACKENDS} or None"),
             ("distributed_executor_backend", self.distributed_executor_backend != "uni" or self.tensor_parallel_size == 1,
              "'uni' runs one rank: it takes tensor_parallel_size 1"),
+            ("distributed_interface", isinstance(self.distributed_interface, str)
+             and self.distributed_interface.strip() == self.distributed_interface != "" and "," not in self.distributed_interface,
+             "must name one network interface (lo: loopback)"),
             ("max_logprobs", self.max_logprobs >= 0, "must be >= 0"),
             ("max_n", self.max_n >= 1, "must be >= 1"),
             ("cuda_graph_buckets", self.cuda_graph_buckets is None or (

@@ -4,8 +4,8 @@ The engine (scheduler, block manager, persistent batch, sampler) runs once, in t
 process, which is also rank 0. `TensorParallelDriver`:
   - starts one worker process per rank > 0 (`python -m compiled_serve.engine.tp_worker`, the
     EngineConfig as JSON on stdin), rendezvous through a FileStore in a private temp directory
-    (no TCP store), gloo (CPU) or NCCL (CUDA) pair sockets on loopback (GLOO_SOCKET_IFNAME /
-    NCCL_SOCKET_IFNAME default to "lo"). This traffic is unauthenticated: it is for one machine.
+    (no TCP store), gloo (CPU) or NCCL (CUDA) sockets on `distributed_interface`, loopback by
+    default (tp_network.py). This traffic is unauthenticated: loopback, or a private network.
   - loads rank 0's shards and adds TensorParallelPass to the engine's pass list;
   - wraps the compiled step: before rank 0 runs it, the step's inputs are broadcast to the
     workers (tp_protocol.py), who run the same step, so the collectives in the graph meet;
@@ -52,6 +52,7 @@ from compiled_serve.build.tp_builds import tp_key_fields, workers_record_builds
 from compiled_serve.config import EngineConfig
 from compiled_serve.engine import tp_protocol as proto
 from compiled_serve.engine.cuda_graphs import DecodeGraphs, measure_capture_bytes
+from compiled_serve.engine.tp_network import restore_socket_env, socket_env, warn_if_not_loopback
 from compiled_serve.errors import CompiledServeError, InvalidParameterError
 from compiled_serve.kernels.forward_context import current_forward_context
 from compiled_serve.models.tp_layout import ShardingError, head_split
@@ -84,8 +85,9 @@ class TensorParallelDriver:
                                         "process group; a tensor-parallel engine needs its own process")
         self._dir = tempfile.mkdtemp(prefix="compiled-serve-tp-")  # 0700: the rendezvous file lives here
         store = os.path.join(self._dir, "store")
-        env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-               "NCCL_SOCKET_IFNAME": os.environ.get("NCCL_SOCKET_IFNAME", "lo")}
+        sockets = socket_env(config.distributed_interface)  # checked before any worker starts
+        warn_if_not_loopback(config.distributed_interface)
+        env = {**os.environ, **sockets}
         if device.type == "cpu":  # ranks share the cores; each its share of threads
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.size)))
         text = json.dumps(dataclasses.asdict(config))
@@ -100,10 +102,11 @@ class TensorParallelDriver:
             proc.stdin.close()
             self.workers.append(proc)
         self.failed: str | None = None
+        self._socket_env_before: dict[str, str | None] | None = None
         self._finalizer = weakref.finalize(self, _reap, self.workers, self._dir)
         try:
             self._wait_for_workers()
-            init_group(0, self.size, store, device)
+            self._socket_env_before = init_group(0, self.size, store, device, config.distributed_interface)
         except Exception:
             self.shutdown()
             raise
@@ -312,6 +315,9 @@ class TensorParallelDriver:
         self._finalizer()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self._socket_env_before is not None:  # the group is gone: GLOO/NCCL_SOCKET_IFNAME as they were
+            restore_socket_env(self._socket_env_before)
+            self._socket_env_before = None
 
 
 def _reap(workers: list[subprocess.Popen], directory: str) -> None:

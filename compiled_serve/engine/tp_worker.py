@@ -31,6 +31,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from compiled_serve.engine.tp_network import apply_socket_env
+
 logger = logging.getLogger("compiled_serve.engine")
 
 #: How long a collective may wait for a peer before it fails (a hung rank is an error, not a hang).
@@ -52,17 +54,19 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="tp-parent-watch").start()
 
 
-def init_group(rank: int, world_size: int, store_path: str, device: torch.device) -> None:
-    # gloo's pair sockets on loopback unless the operator named an interface (no TCP store at all:
-    # the rendezvous is a file in a private directory).
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+def init_group(rank: int, world_size: int, store_path: str, device: torch.device,
+               interface: str) -> dict[str, str | None]:
+    """Joins the process group; returns the socket variables as they were before (tp_network.py)."""
+    # gloo's / NCCL's sockets on `interface` (EngineConfig.distributed_interface, loopback by
+    # default). No TCP store at all: the rendezvous is a file in a private directory.
+    before = apply_socket_env(interface)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.FileStore(store_path, world_size), rank=rank,
                             world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     # Every rank's connections complete before any rank goes on (and may fail, e.g. loading):
     # a rank that left mid-handshake would fail the others' rendezvous with a confusing error.
     dist.barrier()
+    return before
 
 
 def config_from_json(text: str):  # -> EngineConfig
@@ -116,7 +120,7 @@ def serve_rank(rank: int, world_size: int, store_path: str, config) -> None:
         torch.cuda.set_device(device)
     dtype = resolve_dtype(config.dtype, device)
     open(os.path.join(os.path.dirname(store_path), f"joining.{rank}"), "w").close()  # rank 0 waits for it
-    init_group(rank, world_size, store_path, device)
+    init_group(rank, world_size, store_path, device, config.distributed_interface)
     loaded = load_model(config.model, load_format=config.load_format, dtype=dtype, device=device,
                         seed=config.seed, tp=(rank, world_size))
     mc = loaded.config

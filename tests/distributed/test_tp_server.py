@@ -23,6 +23,7 @@ from compiled_serve.sampling_params import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from live_server import MINILM_DIR  # noqa: E402
+from tp_testing import listening_addresses  # noqa: E402
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 30522, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -49,33 +50,6 @@ def descendants(pid: int) -> list[int]:
         for child in children.get(stack.pop(), []):
             found.append(child)
             stack.append(child)
-    return found
-
-
-def listening_addresses(pids: list[int]) -> list[str]:
-    """Local addresses of every listening TCP socket the processes hold ("127.0.0.1:port", ...)."""
-    inodes: set[str] = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    found = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
-                continue
-            addr, port = fields[1].split(":")
-            raw = bytes.fromhex(addr)
-            if width == 8:
-                host = socket.inet_ntop(socket.AF_INET, raw[::-1])
-            else:
-                host = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-            found.append(f"{host}:{int(port, 16)}")
     return found
 
 

@@ -8,6 +8,7 @@ stay on loopback (GLOO_SOCKET_IFNAME=lo). Results come back as safetensors files
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 import traceback
@@ -199,3 +200,31 @@ def rank_two_steps_loaded(rank: int, world_size: int, model_dir: str, load_forma
 
     loaded = load_model(model_dir, load_format=load_format, dtype=torch.float32, device="cpu", tp=(rank, world_size))
     return two_step_logits(loaded.module, prompts(), rank, world_size)
+
+
+def listening_addresses(pids: list[int], states: tuple[str, ...] = ("0A",)) -> list[str]:
+    """Local addresses ("127.0.0.1:port", ...) of every TCP socket the processes hold in one of
+    `states` (/proc/net/tcp's codes: 0A listening, 01 established)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] not in states or fields[9] not in inodes:
+                continue
+            addr, port = fields[1].split(":")
+            raw = bytes.fromhex(addr)
+            if width == 8:
+                host = socket.inet_ntop(socket.AF_INET, raw[::-1])
+            else:
+                host = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+            found.append(f"{host}:{int(port, 16)}")
+    return found
