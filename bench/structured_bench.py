@@ -240,8 +240,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dummy-weights", default=None, metavar="TOKENIZER_DIR",
                         help="random smollm2-135m weights with the tokenizer saved in this directory")
-    parser.add_argument("--serial-fill", action="store_true",
-                        help="fill llguidance's rows one by one, as before the batch fill on its thread pool")
     parser.add_argument("--tag", default="", help="suffix of the result's name (structured_bench_TAG_DEVICE.json)")
     args = parser.parse_args()
     from compiled_serve.llm import LLM  # noqa: F401  (the package, as the engine imports it)
@@ -250,11 +248,6 @@ def main() -> None:
 
     if args.dummy_weights:
         MODEL.update(model="smollm2-135m", load_format="dummy", tokenizer=args.dummy_weights)
-    if args.serial_fill:  # the A side of the batch-fill A/B: the backend interface's one-by-one default
-        from compiled_serve.structured.backend import GrammarMatcher
-        from compiled_serve.structured.llguidance_backend import LLGuidanceMatcher
-
-        LLGuidanceMatcher.fill_bitmasks = GrammarMatcher.__dict__["fill_bitmasks"]
     if args.late_vs_drain:
         result = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "device": args.device,
                   "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
@@ -280,7 +273,7 @@ def main() -> None:
         "when": datetime.datetime.now().isoformat(timespec="seconds"), "device": args.device,
         "machine": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-        "weights": "dummy" if args.dummy_weights else "embedded SmolLM2", "serial_fill": args.serial_fill,
+        "weights": "dummy" if args.dummy_weights else "embedded SmolLM2",
         "backends": {},
     }
     for name in args.backends.split(","):

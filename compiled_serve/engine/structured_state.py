@@ -86,30 +86,14 @@ class StructuredState:
 
     def bitmask_rows(self, seqs: list[Sequence]) -> np.ndarray | None:
         """int32 [N, ceil(V/32)] for a step's sampled rows (all ones for unconstrained ones), or
-        None when none is constrained (any more: a sequence may have finished on its last token).
-        The constrained rows are filled a backend's batch at a time (`fill_bitmasks`: llguidance
-        fills them in parallel); a failed matcher's or an empty row allows only EOS."""
-        constrained = [(j, m) for j, seq in enumerate(seqs) if (m := self._matchers.get(seq)) is not None]
-        if not constrained:
+        None when none is constrained (any more: a sequence may have finished on its last token)."""
+        rows = [self.bitmask_row(seq) for seq in seqs]
+        if all(row is None for row in rows):
             return None
         out = np.full((len(seqs), self.words), -1, dtype=np.int32)
-        by_kind: dict[type, list[tuple[int, GrammarMatcher]]] = {}
-        for j, matcher in constrained:
-            by_kind.setdefault(type(matcher), []).append((j, matcher))
-        broken: set[int] = set()
-        for kind, group in by_kind.items():
-            try:
-                kind.fill_bitmasks([m for _, m in group], out, [j for j, _ in group])
-            except Exception:  # noqa: BLE001  (a backend bug must not stop the loop)
-                logger.exception("grammar masks failed for %d request(s)", len(group))
-                broken.update(j for j, _ in group)
-        for j, matcher in constrained:
-            try:
-                failed = j in broken or matcher.error is not None
-            except Exception:  # noqa: BLE001
-                failed = True
-            if failed or not out[j].any():
-                out[j] = self._eos_only.view(np.int32)
+        for j, row in enumerate(rows):
+            if row is not None:
+                out[j] = row
         return out
 
     def accept(self, seq: Sequence, token_id: int) -> GrammarEnd | None:

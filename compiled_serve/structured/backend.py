@@ -30,13 +30,6 @@ class GrammarMatcher(abc.ABC):
     def fill_bitmask(self, row: np.ndarray) -> None:
         """Writes the allowed next tokens into `row` (int32 [ceil(V/32)], bit t % 32 of word t // 32)."""
 
-    @classmethod
-    def fill_bitmasks(cls, matchers: list[GrammarMatcher], out: np.ndarray, rows: list[int]) -> None:
-        """Fills `out[rows[i]]` for `matchers[i]` (all of this class): a backend that can fill a
-        batch at once (in parallel, outside the GIL) overrides this one-by-one default."""
-        for matcher, row in zip(matchers, rows):
-            matcher.fill_bitmask(out[row])
-
     @abc.abstractmethod
     def accept_token(self, token_id: int) -> bool:
         """Advances by one sampled token; False (and `error` set) if the grammar cannot take it."""

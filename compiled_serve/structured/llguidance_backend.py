@@ -57,19 +57,6 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
     return LLMatcher.grammar_from_lark(lark)
 
 
-_executor: llguidance.LLExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def _shared_executor() -> llguidance.LLExecutor:
-    """llguidance's thread pool (one thread per core), made once per process."""
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = llguidance.LLExecutor()
-        return _executor
-
-
 class LLGuidanceMatcher(GrammarMatcher):
     def __init__(self, matcher: LLMatcher, words: int):
         self._matcher = matcher
@@ -79,18 +66,6 @@ class LLGuidanceMatcher(GrammarMatcher):
         row[self._words:] = 0  # ids past the tokenizer's vocabulary are never allowed
         head = row[: self._words]
         self._matcher.unsafe_compute_mask_ptr(head.ctypes.data, head.nbytes)
-
-    @classmethod
-    def fill_bitmasks(cls, matchers: list[GrammarMatcher], out: np.ndarray, rows: list[int]) -> None:
-        """A batch on llguidance's thread pool, which fills rows outside the GIL: 64 rows take
-        about one row's time on 16 cores, not 64 (docs/perf-notes.md, session 6)."""
-        words = {m._words for m in matchers}  # type: ignore[attr-defined]
-        if (len(matchers) < 2 or words != {out.shape[1]} or out.dtype != np.int32
-                or not out.flags["C_CONTIGUOUS"]):
-            super().fill_bitmasks(matchers, out, rows)  # rows wider than llguidance's: one by one
-            return
-        pairs = [(m._matcher, row) for m, row in zip(matchers, rows)]  # type: ignore[attr-defined]
-        _shared_executor().unsafe_compute_mask_ptr(pairs, out.ctypes.data, out.shape[1] * 4, out.shape[0])
 
     def accept_token(self, token_id: int) -> bool:
         return self._matcher.consume_token(token_id)

@@ -115,10 +115,10 @@ def test_cache_is_bounded_in_entries_and_bytes(compiler) -> None:
     assert (cache.hits, cache.misses) == (hits + 1, misses + 1)
 
 
-def test_a_batch_fill_gives_each_row_its_own_fill(compiler, smollm2_tokenizer) -> None:
-    """`StructuredState.bitmask_rows` fills llguidance's rows together on its thread pool: each row
-    equals what that sequence's own one-row fill (`bitmask_row`) writes, unconstrained rows stay
-    all ones, and a matcher that failed gets the EOS-only row."""
+def test_a_steps_rows_are_each_sequences_own_fill(compiler, smollm2_tokenizer) -> None:
+    """`StructuredState.bitmask_rows` for a mixed batch at different grammar states: each row equals
+    that sequence's own one-row fill (`bitmask_row`), unconstrained rows stay all ones, and a
+    matcher that failed gets the EOS-only row."""
     from compiled_serve.engine.sequence import Sequence
     from compiled_serve.engine.structured_state import StructuredState
 
