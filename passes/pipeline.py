@@ -10,10 +10,12 @@ passes one (a one-token step is padded to MIN_STEP_TOKENS, compiled_serve/engine
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +73,7 @@ def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: C
             from torch._inductor.compile_fx import compile_fx
 
             regional = None
-            if regional_compile_enabled() and not _aot_compiling():
+            if regional_compile_enabled() and not _WHOLE_GRAPH.get():
                 regional = compile_by_layer(gm, example_inputs, compile_fx)
             if regional is not None:
                 compiled, entry["regions"] = regional
@@ -87,12 +89,19 @@ def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: C
     return backend
 
 
-def _aot_compiling() -> bool:
-    """Inside `torch.compile(...).aot_compile` (build/precompiled.py), whose backend must return
-    one serialisable compiled graph: torch patches these two settings on for exactly that call."""
-    import torch._functorch.config as functorch_config
+_WHOLE_GRAPH: contextvars.ContextVar[bool] = contextvars.ContextVar("whole_graph_compile", default=False)
 
-    return bool(functorch_config.force_autograd_cache and functorch_config.bundled_autograd_cache)
+
+@contextlib.contextmanager
+def whole_graph_compile() -> Iterator[None]:
+    """Backends called inside compile the graph as one Inductor graph, never by layer region: a
+    caller that serialises what the backend returns (`aot_compile`, build/precompiled.py) needs
+    one compiled graph. Compiling is lazy: the first call of a compiled function must run inside."""
+    token = _WHOLE_GRAPH.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE_GRAPH.reset(token)
 
 
 class GraphCallable:

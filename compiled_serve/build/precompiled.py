@@ -77,7 +77,9 @@ class PrecompiledFunction:
             del self.variants[key]
             self.rejected.add(key)
         elif self.recording and key not in self.rejected:
-            with self.compile_context():
+            from compiled_serve.passes.pipeline import whole_graph_compile
+
+            with self.compile_context(), whole_graph_compile():  # one serialisable graph, no regions
                 fn = self.compiled.aot_compile((args, {}))
             self.variants[key] = fn
             self.num_compiled += 1

@@ -3,6 +3,7 @@ the stitched pieces computing what the whole graph computes, and the cases compi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pass_testing
@@ -13,7 +14,7 @@ from pass_testing import graph_inputs, ours_from_hf, tiny_hf_model
 from compiled_serve.kernels.forward_context import forward_context
 from compiled_serve.passes.graph_inputs import attach_example_inputs, detach_example_inputs
 from compiled_serve.passes.layer_regions import compile_by_layer, layer_partitions
-from compiled_serve.passes.pipeline import compile_model
+from compiled_serve.passes.pipeline import compile_model, whole_graph_compile
 from compiled_serve.passes.registry import default_pass_manager
 
 LAYERS = 6  # the first and last layers differ from the middle ones: enough of those to share
@@ -140,18 +141,20 @@ def test_a_graph_without_layers_is_not_split():
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("regional", ["1", "0"])
+@pytest.mark.parametrize("regional", ["1", "0", "whole_graph_compile"])
 def test_inductor_pieces_agree_with_transformers(regional, monkeypatch):
-    """The real thing: Inductor compiles the pieces (or the whole graph); the step's hidden states
-    match transformers' on the same weights."""
-    monkeypatch.setenv("COMPILED_SERVE_REGIONAL_COMPILE", regional)
+    """The real thing: Inductor compiles the pieces (or the whole graph: regional compiling off, or
+    inside `whole_graph_compile()`, as an AOT compile for a build is); the step's hidden states match
+    transformers' on the same weights."""
+    monkeypatch.setenv("COMPILED_SERVE_REGIONAL_COMPILE", "1" if regional == "whole_graph_compile" else regional)
     torch._dynamo.reset()
     hf = tiny_hf_model("llama", num_hidden_layers=LAYERS)
     ours = ours_from_hf(hf).eval()
     step, report = compile_model(ours, mode="inductor")
     ids = torch.randint(0, pass_testing.VOCAB, (9,), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad(), forward_context(pass_testing.fresh_cache_metadata([9], num_layers=LAYERS)):
-        got = step(ids, torch.arange(9))
+    context = whole_graph_compile() if regional == "whole_graph_compile" else contextlib.nullcontext()
+    with torch.no_grad(), forward_context(pass_testing.fresh_cache_metadata([9], num_layers=LAYERS)), context:
+        got = step(ids, torch.arange(9))  # compiling is lazy: the first call compiles
     with torch.no_grad():
         want = hf.model(ids[None]).last_hidden_state[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
