@@ -163,7 +163,7 @@ QUALITY_TEXT = (
     "that numbers never lie, but people sometimes do, and so the ledger was kept in a locked "
     "drawer beneath the window that looked out over the weir."
 )
-QUALITY_LAYOUTS = ("bf16", "q8b", "int8", "int4")
+QUALITY_LAYOUTS = ("bf16", "q8b", "int8", "int4", "fp8")  # fp8: the CUDA op's math, through its CPU reference
 
 
 def _quantized_forward(module: torch.nn.Module) -> Callable:

@@ -11,9 +11,10 @@ Three layouts, each with a pure-torch reference (dequantize in float32, then `F.
         block of 32. No custom op: `blockwise_int8_linear` is written in torch ops and traced into
         the graph, so Inductor generates the dequantize-and-matmul itself.
   fp8   CUDA: `weight` float8_e4m3fn [N, K], `scales` float32 [N] per output channel: w = q * scale;
-        the activation is quantized per token at run time (`quantize_fp8_rowwise`). Op
-        `compiled_serve::fp8_weight_linear` -> `torch._scaled_mm` (rowwise scales, sm89+); on the
-        CPU it runs its reference (tests only: the engine refuses fp8 without CUDA).
+        the activation is quantized per token at run time (`quantize_fp8_rowwise`). No custom op
+        for the whole: `fp8_weight_linear` is torch ops (the quantize of x, the scales) around
+        op `compiled_serve::fp8_mm` -> `torch._scaled_mm` with unit tensorwise scales (sm89+); on
+        the CPU that op runs its reference (tests only: the engine refuses fp8 without CUDA).
 
 Both torch kernels are vectorized for bf16 activations only (their float32 path is a scalar
 loop, ~15x slower on the 2-core AVX-512 CPU, docs/perf-notes.md); the activation is computed in
@@ -132,17 +133,45 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Te
     return F.linear(xq.float() * xs, weight.float() * scales.float()[:, None]).to(x.dtype)
 
 
-@torch.library.custom_op("compiled_serve::fp8_weight_linear", mutates_args=())
+_UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """A float32 1.0 on `device`, made once (before any CUDA-graph capture: the warm-up calls first)."""
+    unit = _UNIT_SCALES.get(device)
+    if unit is None:
+        unit = _UNIT_SCALES[device] = torch.ones((), device=device, dtype=torch.float32)
+    return unit
+
+
+@torch.library.custom_op("compiled_serve::fp8_mm", mutates_args=())
+def fp8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [T, K] e4m3 @ b [N, K] e4m3 .T -> [T, N] bfloat16, unscaled (fp32 accumulation).
+
+    CUDA: `torch._scaled_mm` with unit tensorwise scales, cuBLASLt's FP8 GEMM, which at decode
+    sizes streams the weights 1.6-1.9x faster than bf16 cuBLAS on the H200, where rowwise scales
+    take a slower kernel (bench/results/fp8/fp8_gemm_bench-llama8b-nvidia-h200.json). CPU: its
+    reference, float32 math (tests only: the engine refuses fp8 without CUDA).
+    """
+    if a.device.type != "cuda":
+        return (a.float() @ b.float().t()).to(torch.bfloat16)
+    unit = _unit_scale(a.device)
+    # b.t() is [K, N] column-major, the layout _scaled_mm wants for its second operand.
+    return torch._scaled_mm(a, b.t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16)
+
+
+@fp8_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16)
+
+
 def fp8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [T, K] -> [T, N] in x's dtype; weight [N, K] e4m3, scales [N] float32."""
-    if x.device.type != "cuda":
-        return fp8_linear_reference(x, weight, scales)
+    """x [T, K] -> [T, N] in x's dtype; weight [N, K] e4m3, scales [N] float32: `fp8_linear_reference`.
+
+    Written in torch ops around the one opaque GEMM, so that Inductor fuses the per-token quantize
+    of x into the kernel that produces x (a norm, SiLU-mul), and both scales, applied to the
+    unscaled product (x @ w.T = xs[t] * ws[n] * (xq @ wq.T)), into the kernel that consumes it.
+    """
     xq, xs = quantize_fp8_rowwise(x)  # [T, K] e4m3, [T, 1]
-    # weight.t() is [K, N] column-major, the layout _scaled_mm wants for its second operand.
-    out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scales.float()[None, :], out_dtype=torch.bfloat16)
-    return out.to(x.dtype)
-
-
-@fp8_weight_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    acc = torch.ops.compiled_serve.fp8_mm(xq, weight)
+    return (acc.float() * xs * scales.float()).to(x.dtype)

@@ -12,7 +12,8 @@ After, by layout:
     int8: out = compiled_serve.int8_weight_linear(x, weight_int8, scales) + bias
     q8b:  out = blockwise_int8_linear(x, codes, scales) + bias   (torch ops; Inductor fuses)
     bf16: out = bf16_weight_linear(x, weight_bf16) + bias        (torch ops)
-    fp8:  out = compiled_serve.fp8_weight_linear(x, weight_e4m3, scales) + bias   (CUDA)
+    fp8:  out = fp8_weight_linear(x, weight_e4m3, scales) + bias   (torch ops around the
+          opaque compiled_serve.fp8_mm GEMM; CUDA)
 
 Required: a graph whose placeholders carry quantized weights must have every use of them
 rewritten, or compilation fails (the placeholder reads as zeros). A graph without quantized
@@ -28,7 +29,11 @@ import torch.fx
 import torch.nn.functional as F
 
 from compiled_serve.errors import CompilationError
-from compiled_serve.kernels.quantized_linear import bf16_weight_linear, blockwise_int8_linear
+from compiled_serve.kernels.quantized_linear import (
+    bf16_weight_linear,
+    blockwise_int8_linear,
+    fp8_weight_linear,
+)
 from compiled_serve.models.quantized import QuantizedWeight, quantized_weight_of
 from compiled_serve.passes.base import GraphPass
 from compiled_serve.passes.dead_code import eliminate_dead_code
@@ -42,7 +47,7 @@ _OPS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "int8": (torch.ops.compiled_serve.int8_weight_linear.default, ("weight", "scales")),
     "q8b": (blockwise_int8_linear, ("codes", "scales")),
     "bf16": (bf16_weight_linear, ("weight",)),
-    "fp8": (torch.ops.compiled_serve.fp8_weight_linear.default, ("weight", "scales")),
+    "fp8": (fp8_weight_linear, ("weight", "scales")),
 }
 
 

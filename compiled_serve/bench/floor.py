@@ -9,6 +9,11 @@ reads all the weights once. Prefill is compute-bound: 2 FLOPs per parameter per 
 
 `weight_bytes` leaves out the input-embedding table (a step gathers a few rows of it) unless it
 is tied to lm_head (then the logits read all of it); `steps` is the longest output.
+
+With FP8 weights (`model_cost(..., quantization="fp8")`) the floor is FP8's own: the quantized
+linears count one byte per weight plus their float32 per-channel scales, and their prompt FLOPs
+run at twice the measured bf16 matmul rate (the H200's FP8 tensor-core peak is twice its bf16
+one), so the floor stays a bound on what FP8 could reach, not on what bf16 could.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class ModelCost:
     params: int  # every parameter once (a tied table counts once)
     weight_bytes: int  # what one step reads: all weights except an untied input embedding
     kv_bytes_per_token: int
+    fp8_params: int = 0  # parameters in FP8 linears: their matmuls count at twice the bf16 rate
 
 
 @dataclass(frozen=True)
@@ -61,15 +67,27 @@ class Floor:
                 "decode_step_s": self.decode_step_s}
 
 
-def model_cost(config: ModelConfig, dtype: torch.dtype) -> ModelCost:
-    """Counts the parameters of the model as built (on the meta device: no memory)."""
+def model_cost(config: ModelConfig, dtype: torch.dtype, quantization: str | None = None) -> ModelCost:
+    """Counts the parameters of the model as built (on the meta device: no memory); with
+    quantization "fp8", the linears `quantize_linear_layers` quantizes as e4m3 (module doc)."""
+    from compiled_serve.models.quantized import linear_weight_names
+
     module = build_empty_module(config, dtype, torch.device("meta"))
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     params = sum(p.numel() for p in module.parameters())  # shared (tied) parameters once
     embedding = sum(m.weight.numel() for m in module.modules() if isinstance(m, VocabEmbedding))
     read_per_step = params if config.tie_word_embeddings else params - embedding
     kv = config.num_layers * 2 * config.num_kv_heads * config.head_dim * dtype_bytes
-    return ModelCost(params=params, weight_bytes=read_per_step * dtype_bytes, kv_bytes_per_token=kv)
+    weight_bytes, fp8_params = read_per_step * dtype_bytes, 0
+    if quantization == "fp8":
+        shapes = dict(module.named_parameters())
+        for name in linear_weight_names(module):
+            rows, numel = shapes[name].shape[0], shapes[name].numel()
+            fp8_params += numel
+            weight_bytes -= numel * dtype_bytes - (numel + 4 * rows)  # e4m3 codes + float32 scales
+    elif quantization not in (None, "none"):
+        raise ValueError(f"no floor for quantization {quantization!r} (fp8 or none)")
+    return ModelCost(params=params, weight_bytes=weight_bytes, kv_bytes_per_token=kv, fp8_params=fp8_params)
 
 
 def workload_floor(cost: ModelCost, prompt_lens: list[int], output_lens: list[int], ceilings: Ceilings) -> Floor:
@@ -79,5 +97,5 @@ def workload_floor(cost: ModelCost, prompt_lens: list[int], output_lens: list[in
     decode_bytes = kv_tokens * cost.kv_bytes_per_token + steps * cost.weight_bytes
     prompt_tokens = sum(prompt_lens)
     return Floor(decode_s=decode_bytes / ceilings.copy_bytes_per_s,
-                 prefill_s=2 * cost.params * prompt_tokens / ceilings.matmul_flop_per_s,
+                 prefill_s=2 * (cost.params - cost.fp8_params / 2) * prompt_tokens / ceilings.matmul_flop_per_s,
                  steps=steps, output_tokens=sum(output_lens), prompt_tokens=prompt_tokens)

@@ -36,6 +36,25 @@ def test_parameter_counts_match_the_published_models() -> None:
     assert qwen.weight_bytes == 2 * qwen.params  # tied: the logits read the whole table every step
 
 
+def test_the_fp8_floor_counts_one_byte_per_linear_weight_and_twice_the_matmul_rate() -> None:
+    bf16 = model_cost(preset_config("llama-3.1-8b"), torch.bfloat16)
+    fp8 = model_cost(preset_config("llama-3.1-8b"), torch.bfloat16, quantization="fp8")
+    # Per layer: q 4096x4096, k and v 1024x4096 each, o 4096x4096, gate/up 14336x4096, down 4096x14336.
+    per_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096
+    rows = 4096 + 2 * 1024 + 4096 + 2 * 14336 + 4096  # one float32 scale per output channel
+    assert fp8.params == bf16.params and fp8.fp8_params == 32 * per_layer
+    assert fp8.weight_bytes == bf16.weight_bytes - 32 * (2 * per_layer - (per_layer + 4 * rows))
+    linear = 8_030_261_248 - 2 * 128256 * 4096 - 32 * 2 * 4096 - 4096  # less both tables and the norms
+    assert linear == fp8.fp8_params
+    # lm_head and the norms stay bf16: about half the bf16 step's bytes.
+    assert fp8.weight_bytes == linear + 32 * 4 * rows + 2 * (128256 * 4096 + 32 * 2 * 4096 + 4096)
+    tokens = [1000]
+    ratio = workload_floor(fp8, tokens, [1], H200).prefill_s / workload_floor(bf16, tokens, [1], H200).prefill_s
+    assert ratio == pytest.approx((bf16.params - fp8.fp8_params / 2) / bf16.params)
+    with pytest.raises(ValueError, match="int4"):
+        model_cost(preset_config("llama-3.1-8b"), torch.bfloat16, quantization="int4")
+
+
 def test_untied_tiny_model_leaves_only_the_input_embedding_out() -> None:
     shape = dict(architecture="LlamaForCausalLM", vocab_size=100, hidden_size=8, intermediate_size=16,
                  num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4)

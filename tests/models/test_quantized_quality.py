@@ -12,7 +12,11 @@ Measured on 2026-12-02 (bench/cpu_quantized.py quality, 127 tokens, logit scale 
   int4    0.73          0.056          40.91   (the file's Q4_1 codes, exact; bf16 scales)
   q8b     1.01          0.104          40.71   (requantized from the Q4_1 values)
   int8    1.62          0.245          41.35   (per channel, requantized from the Q4_1 values)
-Tolerances are about twice those.
+Measured on 2026-12-03 (the same way; bf16 and int4 moved with the bf16 logits head since):
+  fp8     5.87          0.485          43.41   (CUDA's math through the op's CPU reference: e4m3
+                                                 weights per channel, requantized from the Q4_1
+                                                 values, and e4m3 activations per token)
+Tolerances are about twice those; perplexity within 3% of fp32 (fp8: 10%, it measured 5.9%).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ TEXT = (
     "the great wheel twice as fast, and the village brought its grain from miles around."
 )
 # layout -> (max |logit diff|, mean |logit diff|)
-TOLERANCE = {"bf16": (0.75, 0.12), "int4": (1.5, 0.12), "q8b": (2.0, 0.25), "int8": (3.0, 0.5)}
+TOLERANCE = {"bf16": (0.75, 0.12), "int4": (1.5, 0.12), "q8b": (2.0, 0.25), "int8": (3.0, 0.5), "fp8": (12.0, 1.0)}
+PERPLEXITY_RATIO = {"fp8": 1.10}  # others: 1.03
 
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -89,7 +94,7 @@ def test_logits_greedy_choice_and_perplexity_against_fp32(layout: str, smollm2_g
     diff = (got - ref).abs()
     max_tol, mean_tol = TOLERANCE[layout]
     assert float(diff.max()) <= max_tol and float(diff.mean()) <= mean_tol, (float(diff.max()), float(diff.mean()))
-    assert perplexity(got, ids) <= 1.03 * perplexity(ref, ids)
+    assert perplexity(got, ids) <= PERPLEXITY_RATIO.get(layout, 1.03) * perplexity(ref, ids)
     tokens, _ = greedy(forward, loaded.module, reference["prompt"])
     first = next((i for i, (a, b) in enumerate(zip(tokens, reference["tokens"])) if a != b), None)
     if first is not None:
