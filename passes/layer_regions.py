@@ -19,7 +19,13 @@ What makes two layers differ keeps them apart: different ops (a model that alter
 kinds compiles one piece per kind), graph constants (a quantized model's packed weights are
 `get_attr` constants of the graph: every layer is its own piece), different input shapes. A graph
 whose nodes cannot be ordered into pre, layers and post (a node of layer i feeding layer j < i) is
-compiled whole, as before. `COMPILED_SERVE_REGIONAL_COMPILE=0` turns the split off.
+compiled whole, as before.
+
+Only CUDA graphs are split by default (`COMPILED_SERVE_REGIONAL_COMPILE` unset or "auto"): there
+the pieces replay inside one CUDA graph, while on the CPU each piece is a Python call and an
+Inductor graph entry per layer, which made the embedded model's single-stream step 29 ms instead
+of 21 (2-core CPU, docs/perf-notes.md). "1" splits on every device (the CPU tests of the split),
+"0" on none.
 """
 
 from __future__ import annotations
@@ -41,8 +47,12 @@ logger = logging.getLogger("compiled_serve.passes")
 _LAYER = re.compile(r"\.layers\.(\d+)(?:\.|$)")
 
 
-def regional_compile_enabled() -> bool:
-    return os.environ.get("COMPILED_SERVE_REGIONAL_COMPILE", "1") != "0"
+def regional_compile_enabled(example_inputs: Sequence[Any] = ()) -> bool:
+    """Whether a graph with these inputs is compiled by region (module doc: CUDA only by default)."""
+    setting = os.environ.get("COMPILED_SERVE_REGIONAL_COMPILE", "auto")
+    if setting in ("auto", ""):
+        return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
+    return setting != "0"
 
 
 def _layer_of(node: torch.fx.Node) -> int | None | str:

@@ -73,7 +73,7 @@ def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: C
             from torch._inductor.compile_fx import compile_fx
 
             regional = None
-            if regional_compile_enabled() and not _WHOLE_GRAPH.get():
+            if regional_compile_enabled(example_inputs) and not _WHOLE_GRAPH.get():
                 regional = compile_by_layer(gm, example_inputs, compile_fx)
             if regional is not None:
                 compiled, entry["regions"] = regional

@@ -164,3 +164,24 @@ def test_inductor_pieces_agree_with_transformers(regional, monkeypatch):
         assert regions["compiled"] == regions["pieces"] - LAYERS + 3
     else:
         assert regions is None
+
+
+def test_only_cuda_graphs_are_split_unless_the_setting_forces_it(monkeypatch) -> None:
+    """On the CPU each piece is a Python call per layer (a slower step): the split is CUDA's by default."""
+    from compiled_serve.passes.layer_regions import regional_compile_enabled
+
+    cpu_inputs = [torch.zeros(2), 3]
+    for setting, want in (("auto", False), ("", False), ("1", True), ("0", False)):
+        monkeypatch.setenv("COMPILED_SERVE_REGIONAL_COMPILE", setting)
+        assert regional_compile_enabled(cpu_inputs) is want, setting
+    monkeypatch.delenv("COMPILED_SERVE_REGIONAL_COMPILE")
+    assert regional_compile_enabled(cpu_inputs) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_cuda_graphs_are_split_by_default(monkeypatch) -> None:
+    from compiled_serve.passes.layer_regions import regional_compile_enabled
+
+    monkeypatch.delenv("COMPILED_SERVE_REGIONAL_COMPILE", raising=False)
+    assert regional_compile_enabled([torch.zeros(2, device="cuda")]) is True
