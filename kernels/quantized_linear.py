@@ -75,13 +75,29 @@ def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.T
     return F.linear(x.float(), weight.float() * scales.float()[:, None]).to(x.dtype)
 
 
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [T, K] -> [T, N] in x's dtype, computed in scales_zeros' dtype: torch's int4 kernel.
+
+    What QuantizedLinearPass inserts: torch ops, so the compiled graph calls the aten kernel
+    directly and Inductor fuses the casts into x's producer and the consumer (through the
+    custom op below, each of a step's 120 calls paid ~15 us of Python dispatch: 1.8 of a 21 ms
+    single-stream step, docs/perf-notes.md).
+    """
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(scales_zeros.dtype), packed, group_size, scales_zeros)
+    return out.to(x.dtype)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [T, K] -> [T, N] in x's dtype, computed in scales' dtype: torch's int8 kernel (as `int4_linear`)."""
+    return torch.ops.aten._weight_int8pack_mm(x.to(scales.dtype), weight, scales).to(x.dtype)
+
+
 @torch.library.custom_op("compiled_serve::int4_weight_linear", mutates_args=())
 def int4_weight_linear(
     x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """x [T, K] -> [T, N] in x's dtype, computed in scales_zeros' dtype."""
-    out = torch._weight_int4pack_mm_for_cpu(x.to(scales_zeros.dtype), packed, group_size, scales_zeros)
-    return out.to(x.dtype)
+    """`int4_linear` as one op (eager callers and the op's tests)."""
+    return int4_linear(x, packed, scales_zeros, group_size)
 
 
 @int4_weight_linear.register_fake
@@ -91,8 +107,8 @@ def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_s
 
 @torch.library.custom_op("compiled_serve::int8_weight_linear", mutates_args=())
 def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [T, K] -> [T, N] in x's dtype, computed in scales' dtype."""
-    return torch._weight_int8pack_mm(x.to(scales.dtype), weight, scales).to(x.dtype)
+    """`int8_linear` as one op (eager callers and the op's tests)."""
+    return int8_linear(x, weight, scales)
 
 
 @int8_weight_linear.register_fake

@@ -125,8 +125,10 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [n, hidden_size] -> [n, vocab_size] float32
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden.to(weight.dtype), weight).float()  # a weight kept in bf16 (models/quantized.py)
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        if hasattr(head, "logits"):  # a table kept in bf16, packed for oneDNN (models/quantized.py)
+            return head.logits(hidden)
+        return F.linear(hidden.to(head.weight.dtype), head.weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         tied = self.lm_head is None

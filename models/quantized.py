@@ -135,15 +135,45 @@ def linear_weight_names(module: nn.Module, skip: tuple[str, ...] = UNQUANTIZED) 
 
 class CastingEmbedding(nn.Module):
     """A `VocabEmbedding` whose table is stored in a narrower dtype: looked-up rows come back in
-    `out_dtype` (the model's), so only the table's bytes change, not the residual stream's dtype."""
+    `out_dtype` (the model's), so only the table's bytes change, not the residual stream's dtype.
+
+    As a tied logits head (`logits`), a bf16 table on a CPU with oneDNN's bf16 path runs through a
+    copy reordered once into oneDNN's blocked layout (made on the first call, kept beside the
+    table): F.linear on the plain table reorders it on every call, and the packed one took
+    3.7 against 6.5 ms at one row and 6.7 against 13.1 at sixteen for the embedded model's
+    49,152 x 576 table (1 thread, bench/results/cpu_head_bench.json). The same bf16 products,
+    one kernel for every row count.
+    """
 
     def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.out_dtype = out_dtype
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None  # (the table packed, the table it packs)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding(input_ids, self.weight).to(self.out_dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, h] -> float32 logits [n, vocab] against the table."""
+        x = hidden.to(self.weight.dtype)
+        packed = self._packed_table()
+        if packed is None:
+            return torch.nn.functional.linear(x, self.weight).float()
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "").float()
+
+    def _packed_table(self) -> torch.Tensor | None:
+        w = self.weight
+        if not (w.device.type == "cpu" and w.dtype == torch.bfloat16 and packed_bf16_linear_available()):
+            return None
+        if self._packed is None or self._packed[1] is not w:  # a new table (a load replaced it): pack again
+            self._packed = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16), w)
+        return self._packed[0]
+
+
+def packed_bf16_linear_available() -> bool:
+    """oneDNN's bf16 linear on this CPU (AVX-512 bf16 or AMX; torch built with mkldnn)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def store_head_in(module: nn.Module, dtype: torch.dtype) -> int:

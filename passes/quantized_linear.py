@@ -8,8 +8,9 @@ the quantized tensors on the graph module as buffers, and rewrites the call:
 Before (a layer as dynamo captures it):
     out = linear(x, w_placeholder, bias)                     # [T, N]
 After, by layout:
-    int4: out = compiled_serve.int4_weight_linear(x, packed, scales_zeros, 32) + bias
-    int8: out = compiled_serve.int8_weight_linear(x, weight_int8, scales) + bias
+    int4: out = int4_linear(x, packed, scales_zeros, 32) + bias   (torch's int4 kernel, called
+          from the compiled graph directly; the casts around it are torch ops)
+    int8: out = int8_linear(x, weight_int8, scales) + bias        (torch's int8 kernel, the same way)
     q8b:  out = blockwise_int8_linear(x, codes, scales) + bias   (torch ops; Inductor fuses)
     bf16: out = bf16_weight_linear(x, weight_bf16) + bias        (torch ops)
     fp8:  out = fp8_weight_linear(x, weight_e4m3, scales) + bias   (torch ops around the
@@ -33,6 +34,8 @@ from compiled_serve.kernels.quantized_linear import (
     bf16_weight_linear,
     blockwise_int8_linear,
     fp8_weight_linear,
+    int4_linear,
+    int8_linear,
 )
 from compiled_serve.models.quantized import QuantizedWeight, quantized_weight_of
 from compiled_serve.passes.base import GraphPass
@@ -43,8 +46,8 @@ _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 
 # layout -> (graph target, names of its weight tensors in call order)
 _OPS: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "int4": (torch.ops.compiled_serve.int4_weight_linear.default, ("packed", "scales_zeros")),
-    "int8": (torch.ops.compiled_serve.int8_weight_linear.default, ("weight", "scales")),
+    "int4": (int4_linear, ("packed", "scales_zeros")),
+    "int8": (int8_linear, ("weight", "scales")),
     "q8b": (blockwise_int8_linear, ("codes", "scales")),
     "bf16": (bf16_weight_linear, ("weight",)),
     "fp8": (fp8_weight_linear, ("weight", "scales")),

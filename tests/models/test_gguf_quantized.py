@@ -101,6 +101,28 @@ def test_the_default_head_is_the_files_embedding_in_bf16(smollm2_gguf: str, our_
     torch.testing.assert_close(logits, hidden @ ref.t(), rtol=0.02, atol=0.05)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
+def test_the_packed_bf16_head_gives_the_plain_bf16_products(rows: int) -> None:
+    """The oneDNN-packed table (models/quantized.py) against F.linear on the same bf16 table and
+    against float64 on the bf16 values: the same products up to the accumulation order."""
+    from compiled_serve.models.quantized import CastingEmbedding, packed_bf16_linear_available
+
+    gen = torch.Generator().manual_seed(rows)
+    table = (torch.randn(1000, 64, generator=gen) * 0.05).to(torch.bfloat16)
+    emb = CastingEmbedding(table, torch.float32)
+    hidden = torch.randn(rows, 64, generator=gen)
+    got = emb.logits(hidden)
+    assert got.dtype == torch.float32 and got.shape == (rows, 1000)
+    assert (emb._packed is not None) == packed_bf16_linear_available()
+    exact = hidden.bfloat16().double() @ table.double().t()
+    plain = torch.nn.functional.linear(hidden.bfloat16(), table).float()
+    tol = 2.0 ** -7 * float(exact.abs().max())  # one bf16 rounding of the output
+    assert float((got.double() - exact).abs().max()) <= tol
+    assert float((got - plain).abs().max()) <= tol
+    emb.weight = torch.nn.Parameter(table.flip(0), requires_grad=False)  # a new table is packed again
+    assert torch.allclose(emb.logits(hidden), plain.flip(1), atol=tol, rtol=0)
+
+
 @pytest.mark.heavy
 def test_int4_greedy_tokens_match_transformers_unless_near_tie(smollm2_gguf: str, hf_smollm2: Any) -> None:
     # bf16 activations and scales in the fast int4 kernel vs transformers fp32 on the same

@@ -72,7 +72,7 @@ def test_auto_serves_a_q4_gguf_quantized_on_the_cpu(quantized_engine: LLMEngine)
     graph = engine.compile_report.graphs[0]
     # qkv, o, gate_up and down in each layer become the int4 op; no float linear is left.
     assert graph["matches"]["quantized-linear"] == 4 * NUM_LAYERS
-    assert graph["ops_after"].get("compiled_serve::int4_weight_linear", 0) == 4 * NUM_LAYERS
+    assert graph["ops_after"].get("int4_linear", 0) == 4 * NUM_LAYERS
     assert not any("linear" in op and "int4" not in op for op in graph["ops_after"]), graph["ops_after"]
     # No float copy of a linear weight is kept: each is a placeholder that owns no memory.
     for name, p in engine.model.named_parameters():

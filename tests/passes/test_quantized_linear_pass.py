@@ -41,8 +41,8 @@ def capture(module: nn.Module, x: torch.Tensor, rewrite: bool) -> tuple[torch.Te
     return out, counts["before"], counts["after"]
 
 
-@pytest.mark.parametrize("layout,op", [("int4", "compiled_serve::int4_weight_linear"),
-                                       ("int8", "compiled_serve::int8_weight_linear"),
+@pytest.mark.parametrize("layout,op", [("int4", "int4_linear"),
+                                       ("int8", "int8_linear"),
                                        ("q8b", "blockwise_int8_linear"), ("bf16", "bf16_weight_linear")])
 def test_every_linear_is_rewritten_and_matches_the_dequantized_graph(layout: str, op: str) -> None:
     torch.manual_seed(0)
