@@ -36,6 +36,8 @@ class AttentionMetadata:
     query_start_loc_host: list[int] | None = None
     # Step-level plan of the CPU attention path, built by the first layer (False: none needed).
     cpu_decode_plan: object | None = None
+    # Whether every slot_mapping entry is a real slot (no padding), found by the first layer's CPU KV write.
+    cpu_slots_valid: bool | None = None
 
 
 _current: AttentionMetadata | None = None

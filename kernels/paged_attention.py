@@ -84,7 +84,9 @@ def paged_attention(
     from compiled_serve.kernels.paged_attention_cpu import paged_attention_cpu, plan_decode, write_kv_cpu
 
     meta = current_forward_context()
-    write_kv_cpu(k, v, kv_cache, meta.slot_mapping)
+    if meta.cpu_slots_valid is None:  # the same for every layer: checked once a step
+        meta.cpu_slots_valid = bool((meta.slot_mapping >= 0).all())
+    write_kv_cpu(k, v, kv_cache, meta.slot_mapping, all_valid=meta.cpu_slots_valid)
     seq_lens = meta.seq_lens_host if meta.seq_lens_host is not None else meta.seq_lens.tolist()
     qsl = meta.query_start_loc_host if meta.query_start_loc_host is not None else meta.query_start_loc.tolist()
     plan = meta.cpu_decode_plan
