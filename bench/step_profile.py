@@ -35,11 +35,14 @@ def main() -> None:
     ap.add_argument("--scheduling", default="async")
     ap.add_argument("--num-requests", type=int, default=None)
     ap.add_argument("--profile-steps", type=int, default=20)
+    ap.add_argument("--quantization", default=None, help="e.g. fp8 (the file names carry it)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     wl = WORKLOADS[args.workload]
     settings = dict(ENGINE_DEFAULTS)
     settings["scheduling"] = args.scheduling
+    if args.quantization:
+        settings["quantization"] = args.quantization
     compiles: list[tuple[str, str]] = []  # (phase, kernel key) of every Triton compile
     phase = {"now": "startup"}
     try:
@@ -66,9 +69,9 @@ def main() -> None:
     original_launch = engine._launch
     prof_state = {"prof": None, "left": 0, "started": False}
 
-    def timed_launch(sched):
+    def timed_launch(sched, *rest):
         t0 = time.perf_counter()
-        result = original_launch(sched)
+        result = original_launch(sched, *rest)
         ms = (time.perf_counter() - t0) * 1e3
         n_tok = sched.num_tokens
         kind = "decode" if n_tok == len(sched.scheduled) else "mixed"
@@ -147,7 +150,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"step_profile-{wl.id}-{args.scheduling}"
+    name = f"step_profile-{wl.id}-{args.scheduling}" + (f"-{args.quantization}" if args.quantization else "")
     (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str))
     prof = prof_state.get("done")
     if prof is not None:
