@@ -18,6 +18,8 @@ d) timeout 200 python3 bench/step_profile.py --workload W3 --quantization fp8 --
    eval "timeout 150 $CLI bench latency --quantization fp8 --results-dir $OUT/fp8" 2>&1 | grep -v "^DEBUG" | tail -9
    eval "timeout 200 $CLI bench throughput --workload W2 --quantization fp8 --results-dir $OUT/fp8" 2>&1 \
      | grep -v "^DEBUG" | tail -9 ;;
+e) timeout 200 python3 bench/step_profile.py --workload W3 --quantization fp8 --profile-steps 20 --out "$OUT" 2>&1 \
+     | grep -v -E "^DEBUG|INFO" | head -45 ;;
 c) timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu -rfEs --timeout=150 --continue-on-collection-errors tests 2>&1 \
      | tee "$OUT/gpu_tests.log" | tail -8 ;;
 esac

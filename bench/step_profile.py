@@ -107,18 +107,18 @@ def main() -> None:
     mixed_prof: dict = {"left": 3 if torch.cuda.is_available() else 0, "prof": None}
     original_timed = timed_launch
 
-    def launch_with_mixed_profile(sched):
+    def launch_with_mixed_profile(sched, *rest):
         is_mixed = sched.num_tokens != len(sched.scheduled)
         if is_mixed and mixed_prof["left"] > 0 and len(launches) > 5 and prof_state["prof"] is None:
             torch.cuda.synchronize()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
-                result = original_timed(sched)
+                result = original_timed(sched, *rest)
                 torch.cuda.synchronize()
             mixed_prof["left"] -= 1
             mixed_prof["prof"] = prof
             return result
-        return original_timed(sched)
+        return original_timed(sched, *rest)
 
     engine._launch = launch_with_mixed_profile
     step_runner.InFlightStep.wait = timed_wait
