@@ -26,13 +26,18 @@ def write_kv_reference(
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = padding row (never written)
+    k_scale: float = 1.0,  # the cache holds k / k_scale (an FP8 cache: saturated at +-448)
+    v_scale: float = 1.0,
 ) -> None:
     num_tokens = slot_mapping.shape[0]
     flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])  # [2, slots, kvh, hd]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    flat[0, slots] = k[:num_tokens][valid].to(flat.dtype)
-    flat[1, slots] = v[:num_tokens][valid].to(flat.dtype)
+    for i, (x, s) in enumerate(((k, k_scale), (v, v_scale))):
+        x = x[:num_tokens][valid].float() / s
+        if flat.dtype == torch.float8_e4m3fn:
+            x = x.clamp(-448.0, 448.0)
+        flat[i, slots] = x.to(flat.dtype)
 
 
 def paged_attention_reference(
