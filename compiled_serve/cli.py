@@ -30,7 +30,8 @@ logger = logging.getLogger("compiled_serve.cli")
 
 # EngineConfig fields exposed on the command line, with their types (None-default fields need one).
 _ENGINE_FLAGS: dict[str, type] = {
-    "model": str, "load_format": str, "dtype": str, "quantization": str, "device": str, "seed": int,
+    "model": str, "load_format": str, "dtype": str, "quantization": str, "kv_cache_dtype": str,
+    "device": str, "seed": int,
     "tokenizer": str,
     "block_size": int, "gpu_memory_utilization": float, "cpu_kv_cache_gib": float, "num_kv_blocks": int,
     "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int, "max_logprobs": int,

@@ -18,7 +18,7 @@ from compiled_serve.server.tool_parsers import TOOL_PARSERS
 # Fields whose values are a closed set: argparse checks them and `--help` lists them.
 CHOICES: dict[str, Sequence[str]] = {
     "dtype": engine_config._DTYPES, "load_format": engine_config._LOAD_FORMATS,
-    "quantization": engine_config._QUANTIZATIONS,
+    "quantization": engine_config._QUANTIZATIONS, "kv_cache_dtype": engine_config._KV_CACHE_DTYPES,
     "device": engine_config._DEVICES, "compile_mode": engine_config._COMPILE_MODES,
     "build_fallback": engine_config._BUILD_FALLBACKS, "scheduling": engine_config._SCHEDULING,
     "structured_outputs_backend": engine_config._STRUCTURED_OUTPUTS_BACKENDS,
@@ -36,6 +36,8 @@ HELP: dict[str, str] = {
     "quantization": "weight quantization; auto: a GGUF on the CPU keeps its own blocks (gguf), anything else none; "
                     "gguf: Q4_0/Q4_1 as int4, Q8_0 as int8 blocks (CPU); int8, int4: weight-only, quantized at "
                     "load (CPU); fp8: e4m3 weights with per-channel scales (CUDA); none: unquantized, in --dtype",
+    "kv_cache_dtype": "KV-cache dtype; auto: the model's --dtype; fp8 (fp8_e4m3): e4m3 with scales of 1.0, half "
+                      "the bytes of bf16 per token (CUDA only)",
     "device": "auto: cuda when available, else cpu",
     "seed": "seed of the dummy weights",
     "tokenizer": "a tokenizer directory or hub id used instead of the model's own; none: the model's own",

@@ -10,7 +10,8 @@ from dataclasses import dataclass, fields
 from compiled_serve.errors import InvalidParameterError
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4", "fp8")  # models/quantization.py says what each means
+_QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4", "fp8")
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names: auto = the model's dtype  # models/quantization.py says what each means
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _COMPILE_MODES = ("inductor", "graph")
@@ -32,6 +33,10 @@ class EngineConfig:
     # anything else is unquantized. The default stays "none" until the tests that assume fp32 weights
     # for the embedded model say so themselves (docs/perf-notes.md, issue 13).
     quantization: str | None = "none"
+    # The KV cache's dtype (vLLM's --kv-cache-dtype): auto = the model's dtype; fp8 (= fp8_e4m3):
+    # e4m3 on CUDA, half the bytes of bf16 per token, written and read by the Triton kernels with
+    # scales of 1.0 (vLLM's default for a checkpoint without KV scales; none are calibrated here).
+    kv_cache_dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
     tokenizer: str | None = None  # defaults to the model's own
@@ -93,6 +98,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         checks = [
             ("dtype", self.dtype in _DTYPES, f"must be one of {_DTYPES}"),
+            ("kv_cache_dtype", self.kv_cache_dtype in _KV_CACHE_DTYPES, f"must be one of {_KV_CACHE_DTYPES}"),
             ("quantization", self.quantization is None or self.quantization in _QUANTIZATIONS,
              f"must be one of {_QUANTIZATIONS} or None"),
             ("load_format", self.load_format in _LOAD_FORMATS, f"must be one of {_LOAD_FORMATS}"),

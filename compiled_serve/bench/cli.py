@@ -37,8 +37,8 @@ _ENGINE_FLAGS: dict[str, type] = {
     # Tensor parallel; `--distributed-executor-backend mp` at TP=1: W3 through the worker path
     # (engine/tp_engine.py) against the in-process engine (issue 12).
     "tensor_parallel_size": int, "distributed_executor_backend": str,
-    # Weight quantization (issue 13: FP8 W2/W3 against our bf16 runs).
-    "quantization": str,
+    # Weight quantization and the KV cache's dtype (issue 13: FP8 W2/W3 against our bf16 runs).
+    "quantization": str, "kv_cache_dtype": str,
 }
 # Workload changes (small runs on CPU, tests); any of them marks the run "modified".
 _WORKLOAD_FLAGS: dict[str, tuple[type, str]] = {

@@ -67,9 +67,11 @@ class Floor:
                 "decode_step_s": self.decode_step_s}
 
 
-def model_cost(config: ModelConfig, dtype: torch.dtype, quantization: str | None = None) -> ModelCost:
+def model_cost(config: ModelConfig, dtype: torch.dtype, quantization: str | None = None,
+               kv_cache_dtype: str | None = None) -> ModelCost:
     """Counts the parameters of the model as built (on the meta device: no memory); with
-    quantization "fp8", the linears `quantize_linear_layers` quantizes as e4m3 (module doc)."""
+    quantization "fp8", the linears `quantize_linear_layers` quantizes as e4m3 (module doc); with
+    kv_cache_dtype fp8 (fp8_e4m3), one byte per cached K/V value."""
     from compiled_serve.models.quantized import linear_weight_names
 
     module = build_empty_module(config, dtype, torch.device("meta"))
@@ -77,7 +79,8 @@ def model_cost(config: ModelConfig, dtype: torch.dtype, quantization: str | None
     params = sum(p.numel() for p in module.parameters())  # shared (tied) parameters once
     embedding = sum(m.weight.numel() for m in module.modules() if isinstance(m, VocabEmbedding))
     read_per_step = params if config.tie_word_embeddings else params - embedding
-    kv = config.num_layers * 2 * config.num_kv_heads * config.head_dim * dtype_bytes
+    kv_bytes = 1 if kv_cache_dtype in ("fp8", "fp8_e4m3") else dtype_bytes
+    kv = config.num_layers * 2 * config.num_kv_heads * config.head_dim * kv_bytes
     weight_bytes, fp8_params = read_per_step * dtype_bytes, 0
     if quantization == "fp8":
         shapes = dict(module.named_parameters())

@@ -26,7 +26,7 @@ def run_workload(workload: Workload, settings: dict[str, Any], *, repeats: int =
     ceilings = measure_ceilings(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the engine sizes its KV cache from free memory
-    cost = model_cost(config, dtype, settings.get("quantization"))
+    cost = model_cost(config, dtype, settings.get("quantization"), settings.get("kv_cache_dtype"))
     floor = workload_floor(cost, requests.prompt_lens, requests.output_lens, ceilings.ceilings)
     env = environment(device)
     summary = None

@@ -24,7 +24,7 @@ from compiled_serve.detokenizer import IncrementalDetokenizer
 from compiled_serve.engine.block_manager import BlockManager
 from compiled_serve.engine.buckets import default_mixed_buckets, resolve_decode_buckets
 from compiled_serve.engine.cuda_graphs import capture_cost_estimate, measure_capture_bytes
-from compiled_serve.engine.device import resolve_device, resolve_dtype
+from compiled_serve.engine.device import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from compiled_serve.engine.kv_cache import (
     allocate_kv_cache,
     kv_bytes_per_block,
@@ -87,6 +87,7 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(config, self.device, self.dtype)
         # Tensor parallel: this process is rank 0; the workers start (and load) meanwhile.
         # (At TP=1 only with distributed_executor_backend="mp": the worker path with no worker.)
         use_driver = config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp"
@@ -136,7 +137,8 @@ class LLMEngine:
             self.pass_manager = self.tp.pass_manager(self.pass_manager)
         self.tail_pass_manager = logits_tail_pass_manager()
         self.build_key = BuildKey.for_current_toolchain(
-            model_config={**mc.to_dict(), **(self.tp.key() if self.tp else {})},
+            model_config={**mc.to_dict(), **(self.tp.key() if self.tp else {}),
+                          **({"kv_cache_dtype": "fp8_e4m3"} if self.kv_dtype != self.dtype else {})},
             weight_fingerprint=self.weight_fingerprint,
             passes=EnginePasses(self.pass_manager, self.tail_pass_manager).uuids(), buckets=self.decode_buckets,
             dtype=self.dtype, compile_mode=config.compile_mode, device=self.device, quantization=self.quantization)
@@ -151,7 +153,7 @@ class LLMEngine:
 
         block_size = config.block_size
         kv_heads = self.tp.kv_heads(mc) if self.tp else mc.num_kv_heads  # this rank's
-        per_block = kv_bytes_per_block(mc.num_layers, block_size, kv_heads, mc.head_dim, self.dtype)
+        per_block = kv_bytes_per_block(mc.num_layers, block_size, kv_heads, mc.head_dim, self.kv_dtype)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         elif self.device.type == "cuda":
@@ -162,7 +164,7 @@ class LLMEngine:
                 t0 = time.perf_counter()
                 measure = self.tp.measure_capture_bytes if self.tp else measure_capture_bytes  # every rank's
                 reserve += capture_cost_estimate(measure(
-                    step_fn, mc.num_layers, block_size, kv_heads, mc.head_dim, self.dtype,
+                    step_fn, mc.num_layers, block_size, kv_heads, mc.head_dim, self.kv_dtype,
                     max(self.decode_buckets[-1], *self.mixed_buckets), config.max_model_len or mc.max_position_embeddings, self.device,
                 ), len(self.decode_buckets) + len(self.mixed_buckets))
                 self.compile_seconds += time.perf_counter() - t0
@@ -170,7 +172,7 @@ class LLMEngine:
         else:
             num_blocks = num_blocks_for_cpu(config.cpu_kv_cache_gib, per_block)
         self.kv_caches = allocate_kv_cache(mc.num_layers, num_blocks, block_size, kv_heads, mc.head_dim,
-                                           self.dtype, self.device)
+                                           self.kv_dtype, self.device)
         if self.tp:
             self.tp.setup(num_blocks)
         # A single sequence must always fit in the pool, or preemption could never make room.
@@ -656,6 +658,7 @@ class LLMEngine:
             "architecture": self.model_config.architecture,
             "dtype": str(self.dtype).removeprefix("torch."),
             "quantization": self.quantization,
+            "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             "device": str(self.device),
             "kv_cache_blocks": self.block_manager.num_blocks,
             "kv_cache_tokens": self.block_manager.num_blocks * self.config.block_size,

@@ -51,6 +51,8 @@ def test_the_fp8_floor_counts_one_byte_per_linear_weight_and_twice_the_matmul_ra
     tokens = [1000]
     ratio = workload_floor(fp8, tokens, [1], H200).prefill_s / workload_floor(bf16, tokens, [1], H200).prefill_s
     assert ratio == pytest.approx((bf16.params - fp8.fp8_params / 2) / bf16.params)
+    fp8_kv = model_cost(preset_config("llama-3.1-8b"), torch.bfloat16, kv_cache_dtype="fp8")
+    assert fp8_kv.kv_bytes_per_token * 2 == bf16.kv_bytes_per_token and fp8_kv.weight_bytes == bf16.weight_bytes
     with pytest.raises(ValueError, match="int4"):
         model_cost(preset_config("llama-3.1-8b"), torch.bfloat16, quantization="int4")
 
