@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields
 from compiled_serve.errors import InvalidParameterError
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4", "fp8")
-_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names: auto = the model's dtype  # models/quantization.py says what each means
+_QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4", "fp8")  # models/quantization.py says what each means
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names: auto = the model's dtype
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _COMPILE_MODES = ("inductor", "graph")
@@ -30,9 +30,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     # Weight quantization (vLLM's names where vLLM has the method; models/quantization.py). auto (or
     # None, as vLLM spells it): a GGUF on the CPU keeps its own Q4_0/Q4_1/Q8_0 blocks ("gguf"),
-    # anything else is unquantized. The default stays "none" until the tests that assume fp32 weights
-    # for the embedded model say so themselves (docs/perf-notes.md, issue 13).
-    quantization: str | None = "none"
+    # anything else is unquantized; so the embedded Q4_1 model runs on the int4 kernels on the CPU
+    # (issue 13). "none" dequantizes every weight to `dtype`: the fp32 reference the parity tests pin.
+    quantization: str | None = "auto"
     # The KV cache's dtype (vLLM's --kv-cache-dtype): auto = the model's dtype; fp8 (= fp8_e4m3):
     # e4m3 on CUDA, half the bytes of bf16 per token, written and read by the Triton kernels with
     # scales of 1.0 (vLLM's default for a checkpoint without KV scales; none are calibrated here).

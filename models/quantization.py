@@ -19,6 +19,7 @@ whatever --dtype says; --dtype is the dtype of everything else (norms, attention
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import torch
@@ -60,7 +61,8 @@ def resolve_quantization(requested: str | None, model: str | None, load_format: 
     """The method a config asks for, with None resolved; a combination that cannot run is refused."""
     path = _gguf_path(model, load_format)
     if requested in (None, "auto"):
-        if device.type == "cpu" and path is not None and gguf_layout(path) is not None:
+        # A missing file resolves to "none", so the loader refuses it with its own typed error.
+        if device.type == "cpu" and path is not None and os.path.isfile(path) and gguf_layout(path) is not None:
             return "gguf"
         return "none"
     if requested not in QUANTIZATIONS:

@@ -15,6 +15,7 @@ from compiled_serve.bench.record import build_record, environment, headline, ser
 from compiled_serve.bench.workloads import Workload, draw_requests
 from compiled_serve.engine.device import resolve_device, resolve_dtype
 from compiled_serve.models.loaders.dummy import dummy_config
+from compiled_serve.models.quantization import resolve_quantization
 
 
 def run_workload(workload: Workload, settings: dict[str, Any], *, repeats: int = 1,
@@ -26,7 +27,9 @@ def run_workload(workload: Workload, settings: dict[str, Any], *, repeats: int =
     ceilings = measure_ceilings(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the engine sizes its KV cache from free memory
-    cost = model_cost(config, dtype, settings.get("quantization"), settings.get("kv_cache_dtype"))
+    # The floor of the method the engine will run: auto resolves ("none" for these dummy weights).
+    cost = model_cost(config, dtype, resolve_quantization(settings.get("quantization"), workload.model, "dummy",
+                                                          device), settings.get("kv_cache_dtype"))
     floor = workload_floor(cost, requests.prompt_lens, requests.output_lens, ceilings.ceilings)
     env = environment(device)
     summary = None

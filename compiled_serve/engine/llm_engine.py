@@ -103,7 +103,7 @@ class LLMEngine:
                build_cache: BuildCache | None) -> None:
         t0 = time.perf_counter()
         # Quantized weights (models/quantization.py) load their own way: the snapshot cache holds float tensors.
-        self.quantization = "none" if self.tp and config.quantization in (None, "none") else \
+        self.quantization = "none" if self.tp and config.quantization in (None, "auto", "none") else \
             resolve_quantization(config.quantization, config.model, config.load_format, self.device)
         if self.tp and self.quantization != "none":
             raise InvalidParameterError("quantization", "not supported with tensor_parallel_size > 1 yet")

@@ -24,7 +24,9 @@ def test_the_flags_reach_the_engine_config(command: str) -> None:
     config = config_from_args(args) if command == "compile" else _engine_config(args)
     assert (config.quantization, config.dtype) == ("int4", "bfloat16")
     default = build_parser().parse_args([command, *extra])
-    assert (config_from_args(default) if command == "compile" else _engine_config(default)).quantization == "none"
+    # The CLI's default is EngineConfig's (and LLM()'s): auto.
+    assert (config_from_args(default) if command == "compile" else _engine_config(default)).quantization == "auto"
+    assert EngineConfig().quantization == EngineConfig.field_defaults()["quantization"] == "auto"
 
 
 def test_an_unknown_quantization_is_refused_by_the_cli_and_the_config() -> None:
@@ -42,6 +44,8 @@ def test_auto_keeps_a_q4_gguf_quantized_on_the_cpu_only(smollm2_gguf: str) -> No
     assert resolve_quantization(None, smollm2_gguf, "auto", CPU) == "gguf"  # vLLM spells auto None
     assert resolve_quantization("auto", smollm2_gguf, "auto", CUDA) == "none"  # CUDA: dequantized
     assert resolve_quantization("auto", "smollm2-135m", "dummy", CPU) == "none"
+    # A missing file is left to the loader, whose error says it does not exist.
+    assert resolve_quantization("auto", "missing.gguf", "auto", CPU) == "none"
 
 
 @pytest.mark.parametrize(("method", "device", "message"), [

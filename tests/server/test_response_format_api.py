@@ -54,9 +54,15 @@ def test_streamed_chat_json_schema_validates(client: openai.OpenAI) -> None:
 def test_chat_json_object(client: openai.OpenAI) -> None:
     # Seeded: unseeded, all four samples once ran past max_tokens in CI (an object may go on for as
     # long as the model likes), and the test could fail on luck. Those that closed must parse.
-    response = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=1.0, n=4, max_tokens=200,
-                                              seed=7, response_format={"type": "json_object"})
-    closed = [c.message.content for c in response.choices if c.finish_reason == "stop"]
+    # Eight samples (two requests: max_n is 4): on the default int4 CPU kernels a seeded sample also
+    # depends on its batch row and on what else runs (they are not batch-invariant), so the seed no
+    # longer fixes the outcome, and four once all ran on; about half close within 200 tokens (26 and
+    # 25 of 48 seeds, int4 and fp32), so all eight running on is rare.
+    closed = [c.message.content for seed in (7, 11)
+              for c in client.chat.completions.create(model=MODEL, messages=CHAT, temperature=1.0, n=4,
+                                                      max_tokens=200, seed=seed,
+                                                      response_format={"type": "json_object"}).choices
+              if c.finish_reason == "stop"]
     assert closed
     assert all(isinstance(json.loads(text), dict) for text in closed)
 
