@@ -131,13 +131,32 @@ def bf16_weight_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.to(weight.dtype), weight).to(x.dtype)
 
 
+#: A row at least this wide takes its absolute maximum in AMAX_SPLIT chunks (`row_amax`).
+AMAX_SPLIT_MIN = 2048
+AMAX_SPLIT = 16
+
+
+def row_amax(t: torch.Tensor) -> torch.Tensor:
+    """t [..., C] -> [..., 1]: the absolute maximum of each row, exactly `t.abs().amax(-1, keepdim=True)`.
+
+    A wide row is reduced in two steps, chunks of C / AMAX_SPLIT first, so that Inductor emits a
+    reduction with AMAX_SPLIT programs a row instead of one program looping over the row (at one
+    row, W3's decode step, that program took 9.3 us on the H200 for the 14,336-wide input of the
+    down projection). A maximum of maxima is the maximum: the result is bit-identical.
+    """
+    c = t.shape[-1]
+    if c < AMAX_SPLIT_MIN or c % AMAX_SPLIT:
+        return t.abs().amax(dim=-1, keepdim=True)
+    return t.reshape(*t.shape[:-1], AMAX_SPLIT, c // AMAX_SPLIT).abs().amax(dim=-1).amax(dim=-1, keepdim=True)
+
+
 def quantize_fp8_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """t [R, C] -> (codes float8_e4m3fn [R, C], scales float32 [R, 1]): t ~= codes * scales.
 
     Each row's absolute maximum maps to FP8_MAX. The one quantize step of both sides: weights
     per output channel at load, activations per token in the op (the same code on CPU and CUDA).
     """
-    amax = t.detach().abs().amax(dim=-1, keepdim=True).float()
+    amax = row_amax(t.detach()).float()
     scales = (amax / FP8_MAX).clamp(min=1e-12)
     codes = (t.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return codes, scales

@@ -13,6 +13,7 @@ from compiled_serve.kernels.quantized_linear import (
     fp8_linear_reference,
     fp8_weight_linear,
     quantize_fp8_rowwise,
+    row_amax,
 )
 from compiled_serve.models.quantized import quantize_float, quantize_linear_layers
 from compiled_serve.passes.base import count_ops
@@ -31,6 +32,21 @@ def test_each_rows_maximum_maps_to_the_largest_e4m3_value_and_rounding_stays_in_
     assert torch.equal(codes.float().abs().amax(dim=1), torch.full((64,), FP8_MAX))
     back = codes.float() * scales
     assert bool(((back - t).abs() <= t.abs() * REL + scales * SUB).all())
+
+
+@pytest.mark.parametrize("width", [576, 4096, 14336, 14337])
+def test_the_chunked_row_maximum_is_the_row_maximum_eager_and_compiled(width: int) -> None:
+    """row_amax splits wide rows (14336: the down projection's input) into chunks; the maximum of
+    the chunks' maxima must be the row's, bit for bit, including under Inductor with a dynamic row count."""
+    torch.manual_seed(width)
+    compiled = torch.compile(row_amax, dynamic=True)
+    for rows in (1, 3, 16):
+        t = torch.randn(rows, width, dtype=torch.bfloat16)
+        t[rows - 1, width - 1] = -40.0  # the maximum in the last chunk, negative
+        want = t.abs().amax(dim=-1, keepdim=True)
+        assert torch.equal(row_amax(t), want)
+        assert torch.equal(compiled(t), want)
+        assert row_amax(t)[rows - 1].item() == 40.0
 
 
 def test_values_on_the_e4m3_grid_come_back_exactly() -> None:
