@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
+import json
 import logging
 import time
 import types
@@ -31,6 +33,14 @@ from compiled_serve.passes.registry import default_pass_manager
 logger = logging.getLogger("compiled_serve.passes")
 
 
+#: Inductor's generated wrapper checks, by default, the size and stride of every extern kernel's
+#: output at each call: on the CPU's single-stream step that was ~600 `assert_size_stride` calls,
+#: ~0.3 ms of an ~8 ms step (docs/perf-notes.md). They guard Inductor's own codegen, which the
+#: parity tests exercise; the step paid them every time. (Alignment checks stay: Triton kernels
+#: are specialized on aligned inputs.)
+RUNTIME_ASSERTS_OFF = {"size_asserts": False}
+
+
 def as_pass_manager(passes: PassManager | Sequence[GraphPass] | None) -> PassManager:
     """A pass manager as given; a pass list wrapped in one; None: the default pipeline (registry.py)."""
     if passes is None:
@@ -39,8 +49,11 @@ def as_pass_manager(passes: PassManager | Sequence[GraphPass] | None) -> PassMan
 
 
 def pipeline_uuids(passes: PassManager | Sequence[GraphPass] | None = None) -> list[tuple[str, str]]:
-    """(name, uuid) per pass, in run order: what a build key records about the pass pipeline."""
-    return as_pass_manager(passes).uuids()
+    """(name, uuid) per pass, in run order, then the Inductor options the backend sets
+    (`RUNTIME_ASSERTS_OFF`): what a build key records about the pipeline, so that changing
+    either compiles anew instead of serving a build made the other way."""
+    options = hashlib.sha256(json.dumps(RUNTIME_ASSERTS_OFF, sort_keys=True).encode()).hexdigest()
+    return [*as_pass_manager(passes).uuids(), ("inductor-options", options)]
 
 
 @dataclass
@@ -70,15 +83,17 @@ def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: C
             detach_example_inputs(gm)
         entry["ops_after"] = count_ops(gm)
         if mode == "inductor":
+            from torch._inductor import config as inductor_config
             from torch._inductor.compile_fx import compile_fx
 
             regional = None
-            if regional_compile_enabled(example_inputs) and not _WHOLE_GRAPH.get():
-                regional = compile_by_layer(gm, example_inputs, compile_fx)
-            if regional is not None:
-                compiled, entry["regions"] = regional
-            else:
-                compiled = compile_fx(gm, example_inputs)
+            with inductor_config.patch(RUNTIME_ASSERTS_OFF):
+                if regional_compile_enabled(example_inputs) and not _WHOLE_GRAPH.get():
+                    regional = compile_by_layer(gm, example_inputs, compile_fx)
+                if regional is not None:
+                    compiled, entry["regions"] = regional
+                else:
+                    compiled = compile_fx(gm, example_inputs)
         else:
             compiled = GraphCallable(gm)
         entry["seconds"] = time.perf_counter() - start
