@@ -83,8 +83,8 @@ def paged_attention_reference(
 
 # Defined through torch.library.Library rather than the custom_op decorator: a step calls the op
 # once a layer from the compiled graph, and custom_op's wrapper around a mutating kernel cost
-# ~8 us a call on the 2-core CPU (9.5 against 1.5 us for the same no-op kernel registered
-# directly; 30 layers: ~0.25 ms of an ~8 ms single-stream step, docs/perf-notes.md). Same schema,
+# ~12 us a call on the 2-core CPU (the op 52 -> 40 us; a no-op kernel 9.5 against 1.5 us; 30
+# layers: ~0.36 ms of an ~8 ms single-stream step, docs/perf-notes.md). Same schema,
 # same name: the graphs and persisted builds do not change.
 _LIB = torch.library.Library("compiled_serve", "FRAGMENT")
 _LIB.define("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, float scale) -> Tensor")
