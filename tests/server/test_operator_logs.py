@@ -23,7 +23,8 @@ MODEL = "SmolLM2-135M-Instruct"
 KEY = "ops-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 INTERVAL_S = 0.3
-GENERATED = 16  # tokens the periodic-line test generates
+GENERATED = 64  # tokens the periodic-line test generates: decode must outlast one INTERVAL_S, so that an
+# interval ends while the request runs (16 tokens at the quantized default's ~50-100 tok/s did not, in CI)
 ACCESS = re.compile(r'^127\.0\.0\.1:\d+ "(?P<method>[A-Z]+) (?P<path>\S+)" (?P<status>\d{3}) (?P<latency>\d+\.\d{3})s'
                     r'(?: prompt_tokens=(?P<prompt>\d+) completion_tokens=(?P<completion>\d+))?$')
 ENGINE = re.compile(r"^engine: prompt (?P<prompt>[\d.]+) tok/s, generation (?P<generation>[\d.]+) tok/s, "
