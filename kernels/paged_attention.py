@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from compiled_serve.kernels import cpu_decode_attention
 from compiled_serve.kernels.forward_context import current_forward_context, in_forward_context
 
 
@@ -97,6 +98,14 @@ def paged_attention_cpu_kernel(
     from compiled_serve.kernels.paged_attention_cpu import paged_attention_cpu, plan_decode, write_kv_cpu
 
     meta = current_forward_context()
+    if meta.cpu_decode_only is None:  # the same for every layer: decided once a step
+        meta.cpu_decode_only = (meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]
+                                and bool((meta.slot_mapping >= 0).all()) and cpu_decode_attention.available())
+    if meta.cpu_decode_only:
+        out = cpu_decode_attention.decode_attention(q, k, v, kv_cache, meta.slot_mapping, meta.block_tables,
+                                                    meta.seq_lens, meta.max_seq_len, scale)
+        if out is not None:
+            return out
     if meta.cpu_slots_valid is None:  # the same for every layer: checked once a step
         meta.cpu_slots_valid = bool((meta.slot_mapping >= 0).all())
     write_kv_cpu(k, v, kv_cache, meta.slot_mapping, all_valid=meta.cpu_slots_valid)
