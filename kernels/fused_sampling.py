@@ -17,14 +17,15 @@ to -inf before everything else, so logprobs then come from the masked row. Witho
 unconstrained batch) nothing extra runs: the argument is None and the graph has no mask node.
 
 CUDA runs the Triton kernel (kernels/triton_sampler.py, imported lazily so CPU installs need no
-Triton), after the bitmask's own Triton pass (kernels/triton_token_bitmask.py); every other device runs `logits_tail` itself.
+Triton), after the bitmask's own Triton pass (kernels/triton_token_bitmask.py); every other device runs `logits_tail` itself,
+or on the CPU, when every row is greedy, `greedy_tail` (its greedy branch alone, the same bits).
 """
 
 from __future__ import annotations
 
 import torch
 
-from compiled_serve.kernels.logits_tail import logits_tail
+from compiled_serve.kernels.logits_tail import greedy_tail, logits_tail
 from compiled_serve.kernels.token_bitmask import check_bitmask
 
 
@@ -77,6 +78,9 @@ def fused_sample(
     check_penalty_inputs(logits, repetition_penalty, seen_mask, frequency_penalty, presence_penalty, output_counts)
     if bitmask is not None:
         check_bitmask(logits, bitmask)
+    if logits.device.type == "cpu" and bool((greedy | (temperature <= 0)).all()):  # no sync to pay on the CPU
+        return greedy_tail(logits, repetition_penalty, seen_mask, frequency_penalty, presence_penalty,
+                           output_counts, bitmask)  # fmt: skip
     return logits_tail(
         logits, temperature, top_k, top_p, min_p, seeds, offsets, greedy,
         repetition_penalty, seen_mask, frequency_penalty, presence_penalty, output_counts, bitmask,

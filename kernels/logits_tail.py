@@ -83,3 +83,26 @@ def logits_tail(
     token_ids = torch.where(greedy, penalised.argmax(dim=-1), sampled)  # [N]
     logprobs = raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]  # [N]
     return token_ids, logprobs
+
+
+def greedy_tail(
+    logits: torch.Tensor,
+    repetition_penalty: torch.Tensor | None = None,
+    seen_mask: torch.Tensor | None = None,
+    frequency_penalty: torch.Tensor | None = None,
+    presence_penalty: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+    bitmask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logits_tail` when every row is greedy: the same ops on the greedy branch, bit for bit, without
+    the filter, the softmax and the noise no row uses (~0.25 ms of a ~7 ms CPU decode step over a
+    49,152-token vocabulary). A caller that knows all rows are greedy (the CPU op checks) takes it."""
+    raw = logits.float()
+    if bitmask is not None:
+        raw = torch.ops.compiled_serve.token_bitmask(raw, bitmask)
+    penalised = apply_penalties(raw, repetition_penalty, seen_mask, frequency_penalty, presence_penalty,
+                                output_counts)  # fmt: skip
+    token_ids = penalised.argmax(dim=-1)
+    logprobs = raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]
+    return token_ids, logprobs
+

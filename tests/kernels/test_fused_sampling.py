@@ -355,3 +355,30 @@ def test_gpu_draws_over_offsets_follow_the_filtered_softmax(cuda_device: str) ->
     tokens = fused_sample(logits, *settings)[0]
     assert _tv_distance(tokens, expected) < 0.05
     assert (expected[tokens] > 0).all()
+
+
+@pytest.mark.parametrize("with_penalties", [False, True])
+@pytest.mark.parametrize("with_bitmask", [False, True])
+def test_all_greedy_cpu_shortcut_equals_the_full_tail(with_penalties: bool, with_bitmask: bool) -> None:
+    """The CPU op's all-greedy shortcut (`greedy_tail`) returns the full reference's bits: token ids
+    and logprobs, rows greedy by flag or by temperature <= 0, with penalties and a grammar mask."""
+    from compiled_serve.kernels.logits_tail import greedy_tail
+    from compiled_serve.kernels.token_bitmask import bitmask_width
+
+    logits = _random_logits(7, 300, seed=5)
+    settings = list(_random_settings(7, 300, seed=5))
+    settings[0] = torch.where(torch.arange(7) % 2 == 0, 0.0, settings[0])  # temperature <= 0: greedy
+    settings[-1] = torch.arange(7) % 2 == 1  # the other rows greedy by flag
+    penalties = _random_penalties(7, 300, seed=5) if with_penalties else NO_PENALTIES
+    bitmask = None
+    if with_bitmask:
+        gen = torch.Generator().manual_seed(5)
+        bitmask = torch.randint(-(2**31), 2**31 - 1, (7, bitmask_width(300)), generator=gen, dtype=torch.int32)
+    ref = logits_tail(logits, *settings, *penalties, bitmask)
+    assert all(torch.equal(a, b) for a, b in zip(greedy_tail(logits, *penalties, bitmask), ref))
+    op = fused_sample(logits, *settings, *penalties, bitmask)
+    assert all(torch.equal(a, b) for a, b in zip(op, ref))
+    settings[-1] = torch.zeros(7, dtype=torch.bool)  # odd rows now sample: the op takes the full tail
+    settings[0] = torch.where(torch.arange(7) % 2 == 0, 0.0, 0.8)
+    ref = logits_tail(logits, *settings, *penalties, bitmask)
+    assert all(torch.equal(a, b) for a, b in zip(fused_sample(logits, *settings, *penalties, bitmask), ref))
