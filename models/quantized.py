@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compiled_serve.kernels import cpu_q8_head
 from compiled_serve.kernels.quantized_linear import (
     Q8_BLOCK,
     dequantize_int4,
@@ -141,8 +142,12 @@ class CastingEmbedding(nn.Module):
     copy reordered once into oneDNN's blocked layout (made on the first call, kept beside the
     table): F.linear on the plain table reorders it on every call, and the packed one took
     3.7 against 6.5 ms at one row and 6.7 against 13.1 at sixteen for the embedded model's
-    49,152 x 576 table (1 thread, bench/results/cpu_head_bench.json). The same bf16 products,
-    one kernel for every row count.
+    49,152 x 576 table (1 thread, bench/results/cpu_head_bench.json).
+
+    Where the table came from a GGUF's Q8_0 blocks and the CPU has VNNI, up to
+    `cpu_q8_head.MAX_ROWS` rows (a single-stream decode step) take those blocks instead, llama.cpp's
+    way: half the bytes (docs/perf-notes.md). So a row's logits depend on how many rows the step
+    has, as the int4 GEMMs' already do on the CPU.
     """
 
     def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype):
@@ -150,12 +155,19 @@ class CastingEmbedding(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.out_dtype = out_dtype
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None  # (the table packed, the table it packs)
+        # The file's own Q8_0 blocks of the table (codes [V, H] int8, scales [V, H/32] float32), kept by
+        # the GGUF loader where the CPU kernel runs (kernels/cpu_q8_head.py): the head for a few rows.
+        self.q8_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding(input_ids, self.weight).to(self.out_dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, h] -> float32 logits [n, vocab] against the table."""
+        if self.q8_table is not None and hidden.shape[0] <= cpu_q8_head.MAX_ROWS and hidden.device.type == "cpu":
+            out = cpu_q8_head.q8_0_matmul(hidden, *self.q8_table)
+            if out is not None:
+                return out
         x = hidden.to(self.weight.dtype)
         packed = self._packed_table()
         if packed is None:

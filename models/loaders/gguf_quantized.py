@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from compiled_serve.errors import ModelLoadError
+from compiled_serve.kernels import cpu_q8_head
 from compiled_serve.models.loaders.base import (
     LoadedModel,
     build_empty_module,
@@ -41,6 +42,7 @@ from compiled_serve.models.loaders.gguf_file import (
 )
 from compiled_serve.models.quantized import (
     LAYOUTS,
+    CastingEmbedding,
     QuantizedWeight,
     install_quantized_weights,
     int4_from_codes,
@@ -128,9 +130,13 @@ def load_gguf_quantized(path: str, layout: str = "int4", compute_dtype: torch.dt
     heads = {".self_attn.q_proj.": config.num_heads, ".self_attn.k_proj.": config.num_kv_heads}
     shards: dict[str, dict[object, torch.Tensor | dict[str, torch.Tensor]]] = {}
     filled: set[str] = set()
+    q8_table: dict[str, torch.Tensor] | None = None
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             continue
+        if (tensor.name == "token_embd.weight" and tensor.tensor_type.name == "Q8_0" and head_dtype is not None
+                and config.tie_word_embeddings and cpu_q8_head.available()):
+            q8_table = repack_blocks("Q8_0", tensor.data, (int(tensor.shape[1]), int(tensor.shape[0])))
         hf_name = hf_tensor_name(tensor.name)
         name, shard = _stacked(module, hf_name)
         n_head = next((n for frag, n in heads.items() if permuted and frag in hf_name), None)
@@ -157,6 +163,9 @@ def load_gguf_quantized(path: str, layout: str = "int4", compute_dtype: torch.dt
     install_quantized_weights(module, weights)
     if head_dtype is not None:
         store_head_in(module, head_dtype)
+        emb = module.model.embed_tokens
+        if q8_table is not None and isinstance(emb, CastingEmbedding) and cpu_q8_head.codes_fit(q8_table["codes"]):
+            emb.q8_table = (q8_table["codes"], q8_table["scales"])  # the head for a few rows (kernels/cpu_q8_head.py)
     chat_template = _field(reader, "tokenizer.chat_template", None)
     has_vocab = "tokenizer.ggml.tokens" in reader.metadata
     return LoadedModel(
