@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -36,11 +37,36 @@ def available() -> bool:
     return _library() is not None
 
 
+class DecodeStep(NamedTuple):
+    """The step's share of the kernel's arguments, the same for every layer: found once a step."""
+
+    slots: int  # data pointers of the step's int64 slot mapping, int32 block tables and seq lens
+    tables: int
+    table_stride: int
+    seq_lens: int
+    num_seqs: int
+    max_ctx: int
+    threads: int
+
+
+def plan_step(slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+              max_seq_len: int) -> DecodeStep | None:
+    """The step's arguments, or None when the C kernel cannot take it (no compiler, other dtypes).
+    The caller keeps the tensors alive for the step (the forward context holds them)."""
+    if _library() is None or slot_mapping.dtype != torch.int64 or block_tables.dtype != torch.int32:
+        return None
+    if seq_lens.dtype != torch.int32 or not (slot_mapping.is_contiguous() and block_tables.is_contiguous()
+                                             and seq_lens.is_contiguous()):
+        return None
+    return DecodeStep(slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(),
+                      seq_lens.shape[0], max_seq_len, torch.get_num_threads())
+
+
 def _row_stride(x: torch.Tensor) -> int | None:
     """The stride between tokens of a [T, heads, D] view whose heads are D apart and D is contiguous."""
-    if x.dim() != 3 or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
-        return None
-    return x.stride(0)
+    _, h, d = x.shape
+    st = x.stride()
+    return st[0] if st[2] == 1 and st[1] == d else None
 
 
 def decode_attention(
@@ -48,31 +74,24 @@ def decode_attention(
     k: torch.Tensor,  # [S, KVH, D]
     v: torch.Tensor,
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D] float32, contiguous
-    slot_mapping: torch.Tensor,  # [S] int64, every entry a real slot
-    block_tables: torch.Tensor,  # [S, max_blocks] int32 contiguous
-    seq_lens: torch.Tensor,  # [S] int32
-    max_seq_len: int,
+    step: DecodeStep,  # every slot a real one, one new token per sequence (the caller checked)
     scale: float,
 ) -> torch.Tensor | None:
-    """Writes k/v at slot_mapping, then one-token causal attention per sequence: [S, H, D].
+    """Writes k/v at the step's slots, then one-token causal attention per sequence: [S, H, D].
 
     None when the inputs are outside what the C kernel takes (the caller runs the torch path)."""
-    lib = _library()
-    if lib is None or q.dtype != torch.float32 or kv_cache.dtype != torch.float32 or k.dtype != torch.float32:
+    f32 = torch.float32
+    if q.dtype != f32 or k.dtype != f32 or v.dtype != f32 or kv_cache.dtype != f32 or q.dim() != 3:
         return None
     qs, ks, vs = _row_stride(q), _row_stride(k), _row_stride(v)
-    if qs is None or ks is None or vs is None or not kv_cache.is_contiguous() or not block_tables.is_contiguous():
+    if qs is None or ks is None or vs is None or q.shape[0] != step.num_seqs or not kv_cache.is_contiguous():
         return None
-    if (slot_mapping.dtype != torch.int64 or block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32
-            or not slot_mapping.is_contiguous() or not seq_lens.is_contiguous()):
-        return None
-    s, h, d = q.shape
     out = torch.empty_like(q)  # the op's declared output (its fake); the kernel writes it contiguous
     if not out.is_contiguous():
         return None
-    kvh, bs = kv_cache.shape[3], kv_cache.shape[2]
-    rc = lib.cs_decode_attention_f32(
-        q.data_ptr(), qs, k.data_ptr(), ks, v.data_ptr(), vs, kv_cache.data_ptr(), kv_cache.shape[1] * bs,
-        slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), out.data_ptr(),
-        s, h, kvh, d, bs, scale, max_seq_len, torch.get_num_threads())
+    _, nb, bs, kvh, _ = kv_cache.shape
+    s, h, d = q.shape
+    rc = _library().cs_decode_attention_f32(
+        q.data_ptr(), qs, k.data_ptr(), ks, v.data_ptr(), vs, kv_cache.data_ptr(), nb * bs, step.slots, step.tables,
+        step.table_stride, step.seq_lens, out.data_ptr(), s, h, kvh, d, bs, scale, step.max_ctx, step.threads)
     return out if rc == 0 else None

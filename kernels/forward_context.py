@@ -38,8 +38,9 @@ class AttentionMetadata:
     cpu_decode_plan: object | None = None
     # Whether every slot_mapping entry is a real slot (no padding), found by the first layer's CPU KV write.
     cpu_slots_valid: bool | None = None
-    # Whether the step is decode-only with real slots, for the C decode kernel (kernels/cpu_decode_attention.py).
-    cpu_decode_only: bool | None = None
+    # The C decode kernel's per-step arguments (kernels/cpu_decode_attention.py), found by the first
+    # layer; False: the step is not decode-only with real slots, or the kernel is unavailable.
+    cpu_decode_step: object | None = None
 
 
 _current: AttentionMetadata | None = None

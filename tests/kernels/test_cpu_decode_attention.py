@@ -31,6 +31,12 @@ def _case(ctx: list[int], kvh: int, group: int, hd: int, bs: int, seed: int, qkv
     return q, k, v, cache, slots, tables
 
 
+def _step(slots, tables, lens):
+    step = cpu_decode_attention.plan_step(slots, tables, lens, int(lens.max()))
+    assert step is not None
+    return step
+
+
 @pytest.mark.parametrize(("ctx", "kvh", "group", "hd", "bs"), [
     ([1], 3, 3, 64, 16),  # the embedded model's geometry, first decode
     ([150], 3, 3, 64, 16),
@@ -47,8 +53,8 @@ def test_matches_reference(ctx, kvh, group, hd, bs, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = cpu_decode_attention.decode_attention(q, k, v, cache, slots, tables, torch.tensor(ctx, dtype=torch.int32),
-                                                    max(ctx), 0.125)
+        lens = torch.tensor(ctx, dtype=torch.int32)
+        out = cpu_decode_attention.decode_attention(q, k, v, cache, _step(slots, tables, lens), 0.125)
     finally:
         torch.set_num_threads(before)
     assert out is not None
@@ -62,8 +68,8 @@ def test_strided_views_of_one_projection():
     ref_cache = cache.clone()
     write_kv_reference(k, v, ref_cache, slots)
     ref = paged_attention_reference(q, ref_cache, tables, [7, 70], [0, 1, 2], 0.3)
-    out = cpu_decode_attention.decode_attention(q, k, v, cache, slots, tables, torch.tensor([7, 70], dtype=torch.int32),
-                                                70, 0.3)
+    lens = torch.tensor([7, 70], dtype=torch.int32)
+    out = cpu_decode_attention.decode_attention(q, k, v, cache, _step(slots, tables, lens), 0.3)
     assert out is not None and torch.equal(cache, ref_cache)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
 
@@ -71,10 +77,14 @@ def test_strided_views_of_one_projection():
 def test_declines_what_it_does_not_take():
     q, k, v, cache, slots, tables = _case([9], 2, 2, 16, 4, seed=1)
     lens = torch.tensor([9], dtype=torch.int32)
-    assert cpu_decode_attention.decode_attention(q.bfloat16(), k, v, cache, slots, tables, lens, 9, 0.5) is None
-    assert cpu_decode_attention.decode_attention(q, k, v, cache.bfloat16(), slots, tables, lens, 9, 0.5) is None
-    assert cpu_decode_attention.decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cache, slots,
-                                                 tables, lens, 9, 0.5) is None
-    group_too_large = torch.randn(1, 2 * 65, 16)  # 130 heads: past MAX_HEADS
-    assert cpu_decode_attention.decode_attention(group_too_large, k, v, cache, slots, tables, lens, 9, 0.5) is None
+    step = _step(slots, tables, lens)
+    attend = cpu_decode_attention.decode_attention
+    assert attend(q.bfloat16(), k, v, cache, step, 0.5) is None
+    assert attend(q, k, v, cache.bfloat16(), step, 0.5) is None
+    assert attend(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cache, step, 0.5) is None
+    assert attend(torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]), cache, step, 0.5) is None  # rows != seqs
+    too_many_heads = torch.randn(1, 2 * 65, 16)  # 130 heads: past MAX_HEADS
+    assert attend(too_many_heads, k, v, cache, step, 0.5) is None
     assert torch.equal(cache, _case([9], 2, 2, 16, 4, seed=1)[3])  # declined calls write nothing
+    assert cpu_decode_attention.plan_step(slots.int(), tables, lens, 9) is None
+    assert cpu_decode_attention.plan_step(slots, tables.long(), lens, 9) is None
