@@ -95,10 +95,30 @@ def test_the_default_head_is_the_files_embedding_in_bf16(smollm2_gguf: str, our_
     assert emb.weight.dtype == torch.bfloat16 and torch.equal(emb.weight, ref.bfloat16())
     ids = torch.tensor([0, 17, 49151])
     assert emb(ids).dtype == torch.float32 and torch.equal(emb(ids), ref.bfloat16().float()[ids])
-    hidden = torch.randn(2, ref.shape[1])
+    hidden = torch.randn(8, ref.shape[1])  # past cpu_q8_head.MAX_ROWS: the bf16 table's head
     logits = loaded.module.compute_logits(hidden)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, hidden @ ref.t(), rtol=0.02, atol=0.05)
+
+
+def test_few_rows_take_the_files_q8_0_table_where_the_cpu_kernel_runs(smollm2_gguf: str, our_smollm2: Any) -> None:
+    """Up to cpu_q8_head.MAX_ROWS rows the head runs on the file's own Q8_0 blocks (the same codes and
+    scales the fp32 reference dequantized), within the activations' 8-bit rounding of the fp32 head."""
+    from compiled_serve.kernels import cpu_q8_head
+
+    loaded = load_gguf_quantized(smollm2_gguf, "int4")
+    emb = loaded.module.model.embed_tokens
+    if not cpu_q8_head.available():
+        assert emb.q8_table is None
+        pytest.skip("no C compiler or no VNNI on this CPU")
+    ref = our_smollm2.module.model.embed_tokens.weight
+    codes, scales = emb.q8_table
+    assert torch.equal((codes.float().view(codes.shape[0], -1, 32) * scales[:, :, None]).view(codes.shape), ref)
+    hidden = torch.randn(cpu_q8_head.MAX_ROWS, ref.shape[1])
+    logits = loaded.module.compute_logits(hidden)
+    exact = hidden @ ref.t()
+    assert torch.equal(logits, cpu_q8_head.q8_0_matmul(hidden, codes, scales))
+    assert float((logits - exact).abs().max()) <= 0.02 * float(exact.abs().max())
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 40])
