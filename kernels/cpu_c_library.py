@@ -15,6 +15,7 @@ failed build, or `COMPILED_SERVE_CPU_KERNELS=torch` (for A/B measurements).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -33,6 +34,12 @@ Signatures = dict[str, tuple[list, object]]  # function name -> (argtypes, resty
 
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+    """`cxx --version`, asked once a process (it enters every library's key)."""
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
 
 
 def _cpu_flags() -> str:
@@ -61,7 +68,7 @@ def load_c_library(name: str, signatures: Signatures) -> ctypes.CDLL | None:
         return None
     source = Path(__file__).with_name(f"{name}.c")
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+        version = _compiler_version(cxx)
         key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_flags(),
                                         platform.machine()]).encode()).hexdigest()[:24]
         path = _kernel_dir() / f"{name}-{key}.so"

@@ -69,11 +69,8 @@ def logits_tail(
     bitmask: torch.Tensor | None = None,  # [N, ceil(V/32)] int32, grammar-allowed tokens (bit set)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token_ids [N] int64, logprobs [N] float32). With a bitmask, logprobs are those of the masked row."""
-    raw = logits.float()  # [N, V]
-    if bitmask is not None:
-        raw = torch.ops.compiled_serve.token_bitmask(raw, bitmask)  # [N, V], -inf where disallowed
-    penalised = apply_penalties(raw, repetition_penalty, seen_mask, frequency_penalty, presence_penalty,
-                                output_counts)  # fmt: skip
+    raw, penalised = _masked_and_penalised(logits, bitmask, repetition_penalty, seen_mask, frequency_penalty,
+                                           presence_penalty, output_counts)  # fmt: skip
     greedy = greedy | (temperature <= 0)  # [N]
     scaled = penalised / torch.where(greedy, 1.0, temperature)[:, None]  # [N, V]
     filtered = torch.ops.compiled_serve.sampling_filter(scaled, top_k, top_p, min_p)  # [N, V]
@@ -81,8 +78,21 @@ def logits_tail(
     noise = torch.ops.compiled_serve.philox_exponential(seeds, offsets, greedy, logits.shape[-1])  # [N, V]
     sampled = (probs / noise).argmax(dim=-1)  # [N]
     token_ids = torch.where(greedy, penalised.argmax(dim=-1), sampled)  # [N]
-    logprobs = raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]  # [N]
-    return token_ids, logprobs
+    return token_ids, _raw_logprobs(raw, token_ids)
+
+
+def _masked_and_penalised(logits: torch.Tensor, bitmask: torch.Tensor | None, *penalties: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw [N, V] float32 after the grammar mask, -inf where disallowed; raw after the penalties)."""
+    raw = logits.float()
+    if bitmask is not None:
+        raw = torch.ops.compiled_serve.token_bitmask(raw, bitmask)
+    return raw, apply_penalties(raw, *penalties)
+
+
+def _raw_logprobs(raw: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Each row's chosen token's logprob under the unpenalised distribution: [N]."""
+    return raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]
 
 
 def greedy_tail(
@@ -97,12 +107,8 @@ def greedy_tail(
     """`logits_tail` when every row is greedy: the same ops on the greedy branch, bit for bit, without
     the filter, the softmax and the noise no row uses (~0.25 ms of a ~7 ms CPU decode step over a
     49,152-token vocabulary). A caller that knows all rows are greedy (the CPU op checks) takes it."""
-    raw = logits.float()
-    if bitmask is not None:
-        raw = torch.ops.compiled_serve.token_bitmask(raw, bitmask)
-    penalised = apply_penalties(raw, repetition_penalty, seen_mask, frequency_penalty, presence_penalty,
-                                output_counts)  # fmt: skip
+    raw, penalised = _masked_and_penalised(logits, bitmask, repetition_penalty, seen_mask, frequency_penalty,
+                                           presence_penalty, output_counts)  # fmt: skip
     token_ids = penalised.argmax(dim=-1)
-    logprobs = raw.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]
-    return token_ids, logprobs
+    return token_ids, _raw_logprobs(raw, token_ids)
 

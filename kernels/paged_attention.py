@@ -98,18 +98,17 @@ def paged_attention_cpu_kernel(
     from compiled_serve.kernels.paged_attention_cpu import paged_attention_cpu, plan_decode, write_kv_cpu
 
     meta = current_forward_context()
+    if meta.cpu_slots_valid is None:  # the same for every layer: checked once a step
+        meta.cpu_slots_valid = bool((meta.slot_mapping >= 0).all())
     step = meta.cpu_decode_step
-    if step is None:  # the same for every layer: decided once a step
-        decode_only = (meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]
-                       and bool((meta.slot_mapping >= 0).all()))
+    if step is None:  # likewise decided once a step
+        decode_only = meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0] and meta.cpu_slots_valid
         step = meta.cpu_decode_step = decode_only and cpu_decode_attention.plan_step(
             meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.max_seq_len) or False
     if step:
         out = cpu_decode_attention.decode_attention(q, k, v, kv_cache, step, scale)
         if out is not None:
             return out
-    if meta.cpu_slots_valid is None:  # the same for every layer: checked once a step
-        meta.cpu_slots_valid = bool((meta.slot_mapping >= 0).all())
     write_kv_cpu(k, v, kv_cache, meta.slot_mapping, all_valid=meta.cpu_slots_valid)
     seq_lens = meta.seq_lens_host if meta.seq_lens_host is not None else meta.seq_lens.tolist()
     qsl = meta.query_start_loc_host if meta.query_start_loc_host is not None else meta.query_start_loc.tolist()
