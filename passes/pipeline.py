@@ -25,6 +25,7 @@ import torch.fx
 
 from compiled_serve.kernels.paged_attention import kv_caches_for_step
 from compiled_serve.passes.base import GraphPass, count_ops
+from compiled_serve.passes.direct_call import DirectCall, bind_graph_inputs
 from compiled_serve.passes.graph_inputs import attach_example_inputs, detach_example_inputs
 from compiled_serve.passes.layer_regions import compile_by_layer, regional_compile_enabled
 from compiled_serve.passes.manager import PassManager
@@ -61,13 +62,24 @@ class CompileReport:
     """What each backend invocation did: one entry per captured graph."""
 
     graphs: list[dict] = field(default_factory=list)
+    # Per graph: its compiled callable with the call's arguments bound to its inputs, or None
+    # (direct_call.py; only for a backend told the traced function's argument names).
+    direct_calls: list[DirectCall | None] = field(default_factory=list)
 
     @property
     def num_graphs(self) -> int:
         return len(self.graphs)
 
+    def direct_call(self) -> DirectCall | None:
+        """The one compiled graph, callable without dynamo's frame; None unless there is exactly
+        one graph and it could be bound."""
+        return self.direct_calls[0] if len(self.direct_calls) == 1 and self.num_graphs == 1 else None
 
-def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: CompileReport) -> Callable:
+
+def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: CompileReport,
+                 arg_names: Sequence[str] | None = None) -> Callable:
+    """`arg_names`: the traced function's arguments, to bind each graph for a direct call
+    (`report.direct_calls`)."""
     from torch._dynamo.aot_compile_types import SerializableCallable
 
     SerializableCallable.register(GraphCallable)  # what aot_compile accepts from a backend
@@ -76,6 +88,7 @@ def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: C
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         start = time.perf_counter()
         entry: dict = {"ops_before": count_ops(gm), "matches": {}}
+        binding = bind_graph_inputs(gm, example_inputs, arg_names) if arg_names is not None else None
         attach_example_inputs(gm, example_inputs)  # the real inputs, also under an AOT compile
         try:
             entry["matches"] = manager(gm).matches
@@ -98,6 +111,7 @@ def make_backend(passes: PassManager | Sequence[GraphPass], mode: str, report: C
             compiled = GraphCallable(gm)
         entry["seconds"] = time.perf_counter() - start
         report.graphs.append(entry)
+        report.direct_calls.append(binding.call(compiled) if binding is not None else None)
         logger.info("compiled %s %d (%s) in %.2fs", manager.label, len(report.graphs) - 1, mode, entry["seconds"])
         return compiled
 
@@ -147,9 +161,12 @@ def compile_model(
 ) -> tuple[Callable, CompileReport]:
     """`passes`: a pass manager or a pass list; None = the default pipeline."""
     report = CompileReport()
-    backend = make_backend(as_pass_manager(passes), mode, report)
+    backend = make_backend(as_pass_manager(passes), mode, report, arg_names=STEP_ARGS)
     compiled = torch.compile(step_entry_point(model), backend=backend, dynamic=True, fullgraph=True)
     return compiled, report
+
+
+STEP_ARGS = ("input_ids", "positions")  # step_entry_point's signature
 
 
 def step_entry_point(model: torch.nn.Module) -> Callable:

@@ -203,7 +203,9 @@ class LLMEngine:
         self._on_progress("compiling (warm-up steps)")
         self._warmup()
         if isinstance(self.runner.step_fn, GuardsOffAfterWarmup):  # CPU: the warm-up compiled the step
-            self.runner.step_fn.arm()
+            # In process, the one compiled graph is called directly (model_runner.py); a tensor-
+            # parallel step must go through its wrapper, which mirrors it to the workers.
+            self.runner.step_fn.arm(self.compile_report.direct_call() if self.tp is None else None)
         if self.use_cuda_graphs:
             # One log line per graph set (cuda_graphs.py); each bucket is a step of its progress bar.
             self._on_progress("capturing CUDA graphs")

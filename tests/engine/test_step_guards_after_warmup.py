@@ -1,7 +1,9 @@
 """On the CPU the compiled step runs without dynamo's guard check once the warm-up has compiled it
 (model_runner.GuardsOffAfterWarmup): the engine arms it before ready, and a workload of every
 step shape serving makes (chunked prefills of several lengths, mixed steps, decodes of a
-changing batch, a lone decode) gives the same tokens armed as unarmed, and compiles nothing."""
+changing batch, a lone decode) gives the same tokens armed as unarmed, and compiles nothing.
+Armed in process, the step calls its one compiled graph directly (passes/direct_call.py): the
+same workload gives the same tokens that way too."""
 
 from __future__ import annotations
 
@@ -29,10 +31,13 @@ def test_the_armed_step_gives_the_guarded_steps_tokens_and_compiles_nothing(tmp_
     engine = tiny_engine(tmp_path, max_num_batched_tokens=16)  # prompts of 21 and 39 are chunked
     step = engine.runner.step_fn
     assert isinstance(step, GuardsOffAfterWarmup) and step.armed  # armed by the engine before ready
+    assert step.direct is not None and step.direct is engine.compile_report.direct_call()
     assert engine.step_runner.step_fn is step
     graphs = engine.compile_report.num_graphs
+    direct = _workload(engine, "d")
+    step.direct = None
     armed = _workload(engine, "a")
     step.armed = False
     guarded = _workload(engine, "g")
-    assert armed == guarded
+    assert direct == armed == guarded
     assert engine.compile_report.num_graphs == graphs  # neither run traced a new graph
